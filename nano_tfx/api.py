@@ -1,0 +1,347 @@
+"""``nano_tfx.quantize``: the seed's arguments → checked request → interchange → tuning → result.
+
+The Keras ``Model.quantize``, the Keras callback and the TFX ``Quantizer`` all end here.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping, Sequence
+
+from nano_tfx.backends.base import BackendOptions, backend_class, backend_names
+from nano_tfx.criterion import AccuracyCriterion
+from nano_tfx.data import make_batches
+from nano_tfx.errors import AccuracyCriterionNotMet
+from nano_tfx.interchange import SavedModelSource, to_saved_model
+from nano_tfx.metrics import make_evaluator
+from nano_tfx.report import Report
+from nano_tfx.result import QuantizedModel
+from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialRunner
+from nano_tfx.tuning.strategies import STRATEGIES
+from nano_tfx.tuning.tuner import tune
+
+PRECISIONS = ("int8", "bf16", "fp16")
+ACCELERATORS = (None, "onnxruntime", "openvino", "auto")
+APPROACHES = ("static", "dynamic")
+DEFAULT_CRITERION = {"relative": 0.01, "higher_is_better": True}
+DEFAULT_MAX_TRIALS = 100
+
+
+@dataclass(frozen=True)
+class QuantizationRequest:
+    """The validated arguments of one ``quantize`` call."""
+
+    precision: str
+    accelerator: str | None
+    approach: str
+    criterion: AccuracyCriterion | None
+    tuning_strategy: str | None
+    max_trials: int | None
+    timeout: float
+    batch: int | None
+    sample_size: int | None
+    options: BackendOptions
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def make_request(precision: str, accelerator: str | None, approach: str, accuracy_criterion: Any,
+                 has_metric: bool, tuning_strategy: str | None, max_trials: int | None, timeout: Any,
+                 batch: int | None, sample_size: int | None, method: str | None, thread_num: int | None,
+                 onnxruntime_session_options: Any, openvino_config: Mapping | None) -> QuantizationRequest:
+    """Check every argument before any work starts; errors name the argument."""
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"accelerator: expected None, 'onnxruntime', 'openvino' or 'auto', got {accelerator!r}")
+    if precision not in PRECISIONS and not (accelerator == "auto" and precision == "auto"):
+        raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    if approach not in APPROACHES:
+        raise ValueError(f"approach: expected 'static' or 'dynamic', got {approach!r}")
+    if tuning_strategy is not None and str(tuning_strategy).lower() not in STRATEGIES:
+        raise ValueError(f"tuning_strategy: expected one of {sorted(STRATEGIES)}, got {tuning_strategy!r}")
+    criterion = AccuracyCriterion.parse(accuracy_criterion)
+    if criterion is not None and not has_metric:
+        raise ValueError("accuracy_criterion: needs a metric or eval_func to measure accuracy with")
+    if criterion is None and has_metric:
+        criterion = AccuracyCriterion.parse(DEFAULT_CRITERION)
+    _check_int("max_trials", max_trials, 1)
+    if timeout is None:
+        timeout = 0
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"timeout: expected seconds >= 0 (0 = no limit), got {timeout!r}")
+    _check_int("batch", batch, 1)
+    _check_int("sample_size", sample_size, 1)
+    _check_int("thread_num", thread_num, 1)
+    if method is not None and method not in ("qlinear", "integer"):
+        raise ValueError(f"method: expected None, 'qlinear' or 'integer', got {method!r}")
+    if method is not None and accelerator not in ("onnxruntime", "auto"):
+        raise ValueError(f"method: only used with accelerator='onnxruntime', got accelerator={accelerator!r}")
+    if openvino_config is not None and not isinstance(openvino_config, Mapping):
+        raise ValueError(f"openvino_config: expected a dict of OpenVINO properties, got {type(openvino_config).__name__}")
+    options = BackendOptions(thread_num=thread_num, method=method,
+                             onnxruntime_session_options=onnxruntime_session_options,
+                             openvino_config=openvino_config, approach=approach)
+    return QuantizationRequest(precision, accelerator, approach, criterion, tuning_strategy,
+                               max_trials if max_trials is not None else (DEFAULT_MAX_TRIALS if has_metric else None),
+                               float(timeout), batch, sample_size, options)
+
+
+def fingerprint(path: str) -> str:
+    """Content hash of a SavedModel (graph + variable index): same model, same fingerprint."""
+    h = hashlib.sha256()
+    for rel in ("saved_model.pb", os.path.join("variables", "variables.index")):
+        full = os.path.join(path, rel)
+        if os.path.isfile(full):
+            with open(full, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:20]
+
+
+def _compile_info(model: Any) -> tuple[Any, list]:
+    """The Keras model's compiled loss and metrics, so ``result.evaluate`` matches Keras'."""
+    try:
+        cfg = model.get_compile_config() or {}
+    except Exception:
+        return None, []
+    import importlib
+
+    from nano_tfx.interchange import keras_flavor
+
+    keras = importlib.import_module("tf_keras" if keras_flavor(model) == "tf_keras" else "keras")
+    loss = cfg.get("loss")
+    try:
+        loss = keras.losses.get(loss) if loss is not None else None
+    except Exception:
+        loss = None
+    metrics: list = []
+    raw = cfg.get("metrics") or []
+    for m in (raw if isinstance(raw, (list, tuple)) else [raw]):
+        try:
+            metrics.append(m if isinstance(m, str) else keras.metrics.deserialize(m))
+        except Exception:
+            continue
+    return loss, metrics
+
+
+def _select_outputs(source: SavedModelSource, outputs: Sequence[str] | None) -> SavedModelSource:
+    if not outputs:
+        return source
+    names = source.output_names
+    unknown = [o for o in outputs if o not in names]
+    if unknown:
+        raise ValueError(f"outputs: {unknown} are not outputs of the model; it has {names}")
+    return replace(source, outputs=tuple(t for t in source.outputs if t.name in outputs))
+
+
+def _pairs(request: QuantizationRequest) -> list[tuple[str, str]]:
+    """(backend, precision) pairs to try."""
+    if request.accelerator != "auto":
+        return [(request.accelerator or "inc", request.precision)]
+    pairs = []
+    for name in backend_names():
+        cls = backend_class(name)
+        for prec in cls.precisions:
+            if request.precision in ("auto", prec):
+                pairs.append((name, prec))
+    return pairs
+
+
+def quantize(
+    model: Any,
+    precision: str = "int8",
+    accelerator: str | None = None,
+    calib_dataset: Any = None,
+    metric: Any = None,
+    eval_func: Callable[[Any], float] | None = None,
+    accuracy_criterion: Mapping[str, Any] | None = None,
+    approach: str = "static",
+    method: str | None = None,
+    conf: Any = None,
+    tuning_strategy: str | None = None,
+    timeout: float | None = 0,
+    max_trials: int | None = None,
+    batch: int | None = None,
+    thread_num: int | None = None,
+    inputs: Sequence[str] | None = None,
+    outputs: Sequence[str] | None = None,
+    sample_size: int | None = 100,
+    onnxruntime_session_options: Any = None,
+    openvino_config: Mapping[str, Any] | None = None,
+    logging: bool = False,
+    x: Any = None,
+    y: Any = None,
+    input_spec: Any = None,
+    signature_name: str = "serving_default",
+    eval_dataset: Any = None,
+    baseline: float | None = None,
+    trial_runner: TrialRunner | None = None,
+    previous_report: Report | str | None = None,
+    workdir: str | None = None,
+) -> QuantizedModel:
+    """Quantize a Keras model (Keras 3 or tf_keras) or a SavedModel directory.
+
+    The arguments are BigDL-Nano's ``Model.quantize`` ones; ``calib_dataset`` (or ``x``/``y``)
+    calibrates and, with a ``metric``/``eval_func``, also evaluates (``eval_dataset`` overrides
+    that). Without a metric the model is fully quantized with no search. Raises
+    ``AccuracyCriterionNotMet`` (with ``best_model`` and ``report``) when tuning cannot meet
+    ``accuracy_criterion``.
+    """
+    evaluator = make_evaluator(metric, eval_func)
+    request = make_request(precision, accelerator, approach, accuracy_criterion, evaluator is not None,
+                           tuning_strategy, max_trials, timeout, batch, sample_size, method, thread_num,
+                           onnxruntime_session_options, openvino_config)
+    if conf is not None:
+        raise ValueError("conf: INC yaml/config objects are not used; pass the tuning arguments directly")
+    if calib_dataset is None and x is None:
+        if request.precision == "int8" and request.approach == "static":
+            raise ValueError("calib_dataset: static INT8 quantization needs calibration data (calib_dataset= or x=)")
+    pairs = _pairs(request)
+    if not pairs:
+        raise ValueError(f"precision: no backend supports {request.precision!r} for accelerator='auto'")
+    if request.accelerator != "auto":  # fail fast, before exporting anything
+        backend_class(pairs[0][0])(request.options).validate(pairs[0][1], request.approach)
+
+    own_workdir = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="nano_tfx_")
+    try:
+        return _quantize(model, request, pairs, calib_dataset if calib_dataset is not None else x, y,
+                         evaluator, eval_dataset, inputs, outputs, input_spec, signature_name, baseline,
+                         trial_runner, previous_report, workdir, own_workdir, logging)
+    except BaseException:
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, outputs, input_spec,
+              signature_name, baseline, trial_runner, previous_report, workdir, own_workdir, logging):
+    started = time.perf_counter()
+    source = _select_outputs(to_saved_model(model, workdir, input_spec, signature_name, inputs), outputs)
+    calib = None
+    if data is not None:
+        calib = make_batches(data, source.inputs, y=y, sample_size=request.sample_size,
+                             argument="calib_dataset" if y is None else "x")
+        calib.check()  # shape / dtype / emptiness errors before any backend work
+    evaluation = None
+    if evaluator is not None:
+        eval_source = eval_dataset if eval_dataset is not None else data
+        if eval_source is None and evaluator.needs_labels:
+            raise ValueError("calib_dataset: a metric needs labelled data to evaluate on")
+        if eval_source is not None:
+            evaluation = make_batches(eval_source, source.inputs, y=None if eval_dataset is not None else y,
+                                      batch=request.batch,
+                                      argument="eval_dataset" if eval_dataset is not None else "calib_dataset")
+            if evaluator.needs_labels and not evaluation.has_labels():
+                raise ValueError(
+                    f"metric: {evaluator.name!r} needs labels, but the evaluation data has none; give (x, y) data"
+                )
+    if isinstance(previous_report, (str, os.PathLike)):
+        previous_report = Report.load(os.fspath(previous_report))
+    fp = fingerprint(source.path)
+    if previous_report is not None and previous_report.model_fingerprint not in (None, fp):
+        previous_report = None  # another model: nothing to reuse
+
+    if evaluator is not None and baseline is None:
+        from nano_tfx.backends.tf_reference import TFSignatureCandidate
+
+        ref = TFSignatureCandidate(source)
+        baseline = evaluator.evaluate(ref.run, evaluation, model=QuantizedModel(ref, source))
+    runner = trial_runner or LocalRunner()
+    report = Report(
+        backend="auto" if request.accelerator == "auto" else pairs[0][0], precision=request.precision,
+        metric_name=evaluator.name if evaluator else None, baseline=baseline,
+        criterion=request.criterion.to_dict() if request.criterion else None,
+        strategy=(request.tuning_strategy or "basic") if evaluator else None,
+        max_trials=request.max_trials, timeout=request.timeout, model_fingerprint=fp,
+    )
+    best_outcome = None
+    chosen_outcome = None
+    for backend_name, prec in pairs:
+        job = TrialJob(
+            source=source, backend=backend_name, options=request.options, precision=prec,
+            approach=request.approach, calibration=calib.calibration() if calib is not None else None,
+            evaluation=evaluation, evaluator=evaluator, baseline=baseline, criterion=request.criterion,
+            latency_batch=(request.batch or 32) if request.accelerator == "auto" else None,
+            workdir=os.path.join(workdir, "trials"),
+        )
+        sub = Report(backend=backend_name, precision=prec)
+        try:
+            backend = backend_class(backend_name)(request.options)
+            backend.validate(prec, request.approach)
+            from nano_tfx.tuning.runner import _backend_and_prepared
+
+            _, prepared = _backend_and_prepared(job)
+            space = backend.search_space(prepared, prec, request.approach)
+            outcome = tune(job, space, sub, request.tuning_strategy, request.max_trials, request.timeout,
+                           runner, previous_report)
+        except ValueError:
+            if request.accelerator != "auto":
+                raise
+            sub.trials = []
+            outcome = None
+            _failed_row(report, backend_name, prec, "failed: unsupported")
+            continue
+        except Exception as err:
+            if request.accelerator != "auto":
+                raise
+            outcome = None
+            _failed_row(report, backend_name, prec, f"failed: {type(err).__name__}: {str(err)[:200]}")
+            continue
+        offset = len(report.trials)
+        for rec in sub.trials:
+            rec.index += offset
+            report.trials.append(rec)
+        if logging:
+            print(sub.table())
+        if outcome.candidate is None:
+            if request.accelerator != "auto":
+                last = sub.trials[-1].status if sub.trials else "no trial ran"
+                raise RuntimeError(f"quantization failed ({backend_name}/{prec}): {last}")
+            continue
+        entry = (outcome, job, sub.chosen + offset if sub.chosen is not None else None)
+        if outcome.chosen is not None:
+            rec = report.trials[entry[2]]
+            if chosen_outcome is None or (rec.latency_ms or 1e9) < (report.trials[chosen_outcome[2]].latency_ms or 1e9):
+                chosen_outcome = entry
+        elif outcome.best is not None:
+            best_outcome = best_outcome or entry
+        report.stop_reason = sub.stop_reason if request.accelerator != "auto" else "all backends tried"
+
+    report.seconds = round(time.perf_counter() - started, 3)
+    controlled = evaluator is not None
+    report.met = (chosen_outcome is not None) if controlled else None
+    if chosen_outcome is not None:
+        report.chosen = chosen_outcome[2]
+    final = chosen_outcome or best_outcome
+    if final is None:
+        raise RuntimeError("quantization failed on every backend: " + "; ".join(
+            f"{t.backend}/{t.precision}: {t.status}" for t in report.trials))
+    outcome, job, _ = final
+    result = QuantizedModel(
+        outcome.candidate, source, report=report,
+        config=(outcome.chosen or outcome.best).config, backend=job.backend,
+        workdir=workdir if own_workdir else None,
+    )
+    loss, metrics = _compile_info(model) if not isinstance(model, (str, os.PathLike)) else (None, [])
+    try:
+        result.compile(loss=loss, metrics=metrics)
+    except ValueError:
+        result.compile(loss=loss)
+    if controlled and chosen_outcome is None:
+        raise AccuracyCriterionNotMet(result, report)
+    return result
+
+
+def _failed_row(report: Report, backend: str, precision: str, status: str) -> None:
+    from nano_tfx.report import TrialRecord
+
+    report.trials.append(TrialRecord(index=len(report.trials), key="", backend=backend, precision=precision,
+                                     config={}, status=status))

@@ -1,0 +1,210 @@
+"""``accelerator=None``: Intel Neural Compressor's post-training quantization on the TF graph.
+
+INC 3.7.1 ships its 2.x API (``quantization.fit`` + ``PostTrainingQuantConfig``), which takes a
+SavedModel *path*. We call it once per trial with ``quant_level=1`` and no ``eval_func``, so INC
+does exactly the config we ask for (knobs via ``op_type_dict``, FP32 fallback via
+``op_name_dict``) and our tuner owns the search — the same search for every backend.
+The INT8 kernels need oneDNN (see ``nano_tfx._env``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from nano_tfx.backends.base import (
+    AccuracyContext, Backend, CalibrationData, Candidate, SearchSpace, TrialConfig, register,
+)
+from nano_tfx.interchange import SavedModelSource, TensorInfo
+
+_COMPUTE_OPS = ("Conv2D", "DepthwiseConv2dNative", "MatMul", "Conv3D", "BatchMatMulV2")
+
+
+@dataclass
+class _Prepared:
+    source: SavedModelSource
+    workdir: str
+    compute_nodes: list[str]
+
+
+class _Loader:
+    """INC's calibration dataloader protocol: ``batch_size`` + iterable of ``(inputs, label)``."""
+
+    def __init__(self, data: CalibrationData, names: Sequence[str]):
+        self.data, self.names = data, list(names)
+        first = next(iter(data))
+        self.batch_size = int(len(first[0]))
+        self.samples = sum(len(b[0]) for b in data)
+
+    def __iter__(self):
+        for xs in self.data:
+            yield (xs[0] if len(xs) == 1 else dict(zip(self.names, xs))), 0
+
+
+def _frozen_graph(source: SavedModelSource):
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    _, fn = source.load_signature()
+    return convert_variables_to_constants_v2(fn).graph.as_graph_def()
+
+
+class IncCandidate(Candidate):
+    """An INT8 TF graph run by a TF session (oneDNN kernels); saved as a TF2 SavedModel with a
+    ``serving_default`` signature, so TF Serving and ``nano_tfx.load`` read the same files."""
+
+    backend = "inc"
+
+    def __init__(self, graph_def, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo],
+                 input_tensors: Sequence[str], output_tensors: Sequence[str], precision: str = "int8",
+                 thread_num: int | None = None):
+        import tensorflow as tf
+
+        self.graph_def = graph_def
+        self.inputs, self.outputs, self.precision = tuple(inputs), tuple(outputs), precision
+        self.input_tensors, self.output_tensors = list(input_tensors), list(output_tensors)
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.compat.v1.import_graph_def(graph_def, name="")
+        config = tf.compat.v1.ConfigProto()
+        if thread_num:
+            config.intra_op_parallelism_threads = thread_num
+            config.inter_op_parallelism_threads = 1
+        self._sess = tf.compat.v1.Session(graph=graph, config=config)
+        self._feeds = [graph.get_tensor_by_name(n) for n in self.input_tensors]
+        self._fetches = [graph.get_tensor_by_name(n) for n in self.output_tensors]
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self._sess.run(self._fetches, dict(zip(self._feeds, inputs)))
+
+    def save(self, directory: str) -> None:
+        import tensorflow as tf
+
+        feeds, fetches = self.input_tensors, self.output_tensors
+
+        def _import():
+            tf.compat.v1.import_graph_def(self.graph_def, name="")
+
+        wrapped = tf.compat.v1.wrap_function(_import, [])
+        pruned = wrapped.prune(
+            [wrapped.graph.get_tensor_by_name(n) for n in feeds],
+            [wrapped.graph.get_tensor_by_name(n) for n in fetches],
+        )
+        specs = [tf.TensorSpec(t.shape, tf.as_dtype(t.dtype), name=t.name) for t in self.inputs]
+        names = [t.name for t in self.outputs]
+
+        module = tf.Module()
+        module.graph_fn = pruned
+
+        @tf.function(input_signature=specs)
+        def serve(*args):
+            outs = module.graph_fn(*args)
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            return {n: o for n, o in zip(names, outs)}
+
+        module.serve = serve
+        tf.saved_model.save(module, directory, signatures={"serving_default": serve.get_concrete_function()})
+        tf.io.write_graph(self.graph_def, directory, "int8_graph.pb", as_text=False)
+
+    def size_bytes(self, directory: str | None = None) -> int | None:
+        return self.graph_def.ByteSize()
+
+    def manifest_info(self) -> dict:
+        return {"input_tensors": self.input_tensors, "output_tensors": self.output_tensors}
+
+
+@register(None)
+class IncBackend(Backend):
+    name = "inc"
+    precisions = {"int8": ("static",)}
+
+    def validate(self, precision: str, approach: str) -> None:
+        if precision == "int8" and approach != "static":
+            raise ValueError(
+                f"approach: accelerator=None (INC on the TF graph) supports 'static' only, got {approach!r}; "
+                "dynamic quantization is available with accelerator='onnxruntime'"
+            )
+        super().validate(precision, approach)
+        from nano_tfx._env import onednn_enabled
+
+        if not onednn_enabled():
+            raise RuntimeError(
+                "accelerator=None: INC's INT8 TensorFlow kernels need oneDNN, which TensorFlow reads once "
+                "at import. Set TF_ENABLE_ONEDNN_OPTS=1 before importing tensorflow (or import nano_tfx first)."
+            )
+
+    def prepare(self, source: SavedModelSource, workdir: str) -> _Prepared:
+        graph_def = _frozen_graph(source)
+        nodes = [n.name for n in graph_def.node if n.op in _COMPUTE_OPS]
+        # First and last compute layers are the usual accuracy suspects: offer them first.
+        ordered = nodes[:1] + nodes[-1:] + nodes[1:-1] if len(nodes) > 2 else nodes
+        return _Prepared(source, workdir, list(dict.fromkeys(ordered)))
+
+    def search_space(self, prepared: _Prepared, precision: str, approach: str) -> SearchSpace:
+        return SearchSpace(
+            knobs={
+                "activation_algorithm": ["minmax", "kl"],
+                "weight_granularity": ["per_channel", "per_tensor"],
+            },
+            fallback_candidates=prepared.compute_nodes,
+        )
+
+    def quantize(self, prepared: _Prepared, precision: str, config: TrialConfig,
+                 calibration: CalibrationData | None, accuracy: AccuracyContext | None = None) -> IncCandidate:
+        from neural_compressor.config import PostTrainingQuantConfig, options
+        from neural_compressor.quantization import fit
+
+        if calibration is None:
+            raise ValueError("calib_dataset: INC static quantization needs calibration data")
+        source = prepared.source
+        options.workspace = os.path.join(prepared.workdir, "nc_workspace")
+        loader = _Loader(calibration, source.input_names)
+        op_type = {
+            op: {
+                "weight": {"granularity": [config.knob("weight_granularity", "per_channel")]},
+                "activation": {"algorithm": [config.knob("activation_algorithm", "minmax")]},
+            }
+            for op in ("Conv2D", "DepthwiseConv2dNative", "MatMul")
+        }
+        op_name = {n: {"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}} for n in config.fallback}
+        conf = PostTrainingQuantConfig(
+            quant_level=1,
+            calibration_sampling_size=[loader.samples],
+            op_type_dict=op_type,
+            op_name_dict=op_name or None,
+            reduce_range=False,
+        )
+        logging.getLogger("neural_compressor").setLevel(logging.WARNING)
+        q = fit(model=source.path, conf=conf, calib_dataloader=loader)
+        if q is None:
+            raise RuntimeError("INC returned no model for this config")
+        return IncCandidate(
+            q.graph_def, source.inputs, source.outputs,
+            [f"{n}:0" if ":" not in n else n for n in q.input_tensor_names],
+            _output_tensors(source, q.output_tensor_names),
+            precision, self.options.thread_num,
+        )
+
+    def load(self, directory: str, manifest: Mapping[str, Any]) -> IncCandidate:
+        import tensorflow as tf
+
+        graph_def = tf.compat.v1.GraphDef()
+        with open(os.path.join(directory, "int8_graph.pb"), "rb") as f:
+            graph_def.ParseFromString(f.read())
+        extra = manifest.get("backend_info") or {}
+        inputs = [TensorInfo.from_dict(t) for t in manifest["inputs"]]
+        outputs = [TensorInfo.from_dict(t) for t in manifest["outputs"]]
+        return IncCandidate(
+            graph_def, inputs, outputs,
+            extra.get("input_tensors") or [f"{t.name}:0" for t in inputs],
+            extra["output_tensors"], manifest.get("precision", "int8"), self.options.thread_num,
+        )
+
+
+def _output_tensors(source: SavedModelSource, names: Sequence[str]) -> list[str]:
+    """INC names the frozen outputs Identity, Identity_1, … in the signature's sorted key order."""
+    tensors = [f"{n}:0" if ":" not in n else n for n in names]
+    by_key = dict(zip(sorted(source.output_names), tensors))
+    return [by_key[n] for n in source.output_names]

@@ -1,0 +1,69 @@
+"""The seed's ``accuracy_criterion`` dict → an ``AccuracyCriterion`` that judges a trial."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+_KEYS = {"relative", "absolute", "higher_is_better"}
+
+
+@dataclass(frozen=True)
+class AccuracyCriterion:
+    """Allowed drop of a metric from its FP32 baseline, relative or absolute."""
+
+    drop_type: str = "relative"  # "relative" | "absolute"
+    max_drop: float = 0.01
+    higher_is_better: bool = True
+
+    @staticmethod
+    def parse(value: Mapping[str, Any] | "AccuracyCriterion" | None) -> "AccuracyCriterion | None":
+        """Validate the user's dict; ``None`` stays ``None`` (no accuracy control)."""
+        if value is None or isinstance(value, AccuracyCriterion):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                "accuracy_criterion: expected a dict like {'relative': 0.01, 'higher_is_better': True}, "
+                f"got {type(value).__name__}"
+            )
+        unknown = set(value) - _KEYS
+        if unknown:
+            raise ValueError(
+                f"accuracy_criterion: unknown keys {sorted(unknown)}; expected 'relative' or 'absolute' "
+                "and optionally 'higher_is_better'"
+            )
+        kinds = [k for k in ("relative", "absolute") if k in value]
+        if len(kinds) != 1:
+            raise ValueError(
+                "accuracy_criterion: expected exactly one of 'relative' or 'absolute', "
+                f"got {sorted(value)}"
+            )
+        kind = kinds[0]
+        drop = value[kind]
+        if isinstance(drop, bool) or not isinstance(drop, (int, float)):
+            raise ValueError(f"accuracy_criterion: '{kind}' must be a number, got {drop!r}")
+        if drop < 0:
+            raise ValueError(f"accuracy_criterion: '{kind}' must be >= 0, got {drop}")
+        if kind == "relative" and drop >= 1:
+            raise ValueError(f"accuracy_criterion: 'relative' must be < 1 (a fraction), got {drop}")
+        hib = value.get("higher_is_better", True)
+        if not isinstance(hib, bool):
+            raise ValueError(f"accuracy_criterion: 'higher_is_better' must be a bool, got {hib!r}")
+        return AccuracyCriterion(kind, float(drop), hib)
+
+    def bound(self, baseline: float) -> float:
+        """The worst metric value that still meets the criterion."""
+        delta = self.max_drop * abs(baseline) if self.drop_type == "relative" else self.max_drop
+        return baseline - delta if self.higher_is_better else baseline + delta
+
+    def met(self, baseline: float, value: float) -> bool:
+        bound = self.bound(baseline)
+        # A tiny tolerance: float round-off must not turn an equal metric into a miss.
+        eps = 1e-9 * max(1.0, abs(baseline))
+        return value >= bound - eps if self.higher_is_better else value <= bound + eps
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether metric ``a`` is strictly better than ``b``."""
+        return a > b if self.higher_is_better else a < b
+
+    def to_dict(self) -> dict:
+        return {self.drop_type: self.max_drop, "higher_is_better": self.higher_is_better}

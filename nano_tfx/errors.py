@@ -1,0 +1,23 @@
+"""Public exceptions."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class AccuracyCriterionNotMet(Exception):
+    """Tuning ended without a model meeting ``accuracy_criterion``.
+
+    ``best_model`` is the best model found (a ``QuantizedModel``), ``report`` the full report.
+    """
+
+    def __init__(self, best_model: Any, report: Any):
+        self.best_model = best_model
+        self.report = report
+        metrics = [t.metric for t in report.trials if t.metric is not None]
+        hib = (report.criterion or {}).get("higher_is_better", True)
+        best = (max if hib else min)(metrics) if metrics else None
+        super().__init__(
+            f"no quantized model met accuracy_criterion={report.criterion} "
+            f"(baseline {report.metric_name}={report.baseline}); {len(report.trials)} trial(s), "
+            f"stopped: {report.stop_reason}; best metric {best}"
+        )

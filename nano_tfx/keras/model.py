@@ -1,0 +1,67 @@
+"""``Model`` and ``Sequential``: drop-in Keras subclasses whose ``quantize()`` is nano-tfx's."""
+from __future__ import annotations
+
+import importlib
+import os
+import types
+from typing import Any
+
+from nano_tfx.api import quantize as _quantize
+from nano_tfx.result import QuantizedModel
+
+
+def _legacy_requested() -> bool:
+    return os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true", "yes")
+
+
+KERAS_FLAVOR = "tf_keras" if _legacy_requested() else "keras3"
+_keras = importlib.import_module("tf_keras" if KERAS_FLAVOR == "tf_keras" else "keras")
+
+# Keras 3's own ``Model.quantize(mode)`` (weight-only) modes; they stay reachable.
+_KERAS_MODES = ("int8", "float8", "int4")
+_NANO_ONLY = {"accelerator", "calib_dataset", "metric", "eval_func", "accuracy_criterion", "approach",
+              "tuning_strategy", "timeout", "max_trials", "batch", "x", "y", "input_spec", "sample_size",
+              "thread_num", "inputs", "outputs", "method", "onnxruntime_session_options", "openvino_config",
+              "precision", "conf", "logging"}
+
+
+def _nano_quantize(self, *args: Any, **kwargs: Any) -> Any:
+    """BigDL-Nano's ``quantize``: see ``nano_tfx.quantize`` for every argument.
+
+    Keras 3's own weight-only quantization stays available: ``model.quantize(mode="int8")``,
+    ``model.quantize("float8")``, or ``model.quantize("int8")`` with no other argument.
+    """
+    keras_own = getattr(self, "_keras_quantize", None)
+    if keras_own is not None:
+        mode = kwargs.pop("mode", None)
+        lone_mode = (len(args) == 1 and not (set(kwargs) & _NANO_ONLY) and isinstance(args[0], str)
+                     and args[0] in _KERAS_MODES)
+        if mode is not None or lone_mode and (args[0] != "int8" or not kwargs):
+            return keras_own(mode if mode is not None else args[0], *args[1 if mode is None else 0:], **kwargs)
+    return _quantize(self, *args, **kwargs)
+
+
+class _NanoQuantizeMixin:
+    """Keras 3 replaces ``obj.quantize`` on every instance in ``Layer.__new__`` with a wrapper
+    that demands ``mode``; a class-level override is never reached. Re-bind per instance,
+    keeping Keras' wrapper for its own modes."""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        obj = super().__new__(cls, *args, **kwargs)
+        if not isinstance(obj, cls):  # Keras may hand back another class (functional shortcut)
+            return obj
+        keras_wrapper = obj.__dict__.get("quantize")
+        object.__setattr__(obj, "_keras_quantize", keras_wrapper)
+        object.__setattr__(obj, "quantize", types.MethodType(_nano_quantize, obj))
+        return obj
+
+    def quantize(self, *args: Any, **kwargs: Any) -> QuantizedModel:  # tf_keras path
+        return _nano_quantize(self, *args, **kwargs)
+
+
+class Model(_NanoQuantizeMixin, _keras.Model):
+    """``keras.Model`` (or ``tf_keras.Model``) with ``quantize()`` returning a ``QuantizedModel``."""
+
+
+class Sequential(_NanoQuantizeMixin, _keras.Sequential):
+    """``keras.Sequential`` (or ``tf_keras.Sequential``) with ``quantize()``."""

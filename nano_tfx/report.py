@@ -1,0 +1,159 @@
+"""What a quantization run did: baseline, every trial, the choice. JSON, a text table, HTML."""
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass
+class TrialRecord:
+    index: int
+    key: str
+    backend: str
+    precision: str
+    config: dict
+    metric: float | None = None
+    passed: bool | None = None
+    latency_ms: float | None = None  # batch 1
+    latency_batch_ms: float | None = None  # at the user's evaluation batch (auto)
+    batch: int | None = None
+    size_bytes: int | None = None
+    seconds: float = 0.0
+    status: str = "ok"  # "ok" | "reused" | "failed: why"
+    output_mse: float | None = None
+    worker: str | None = None
+    artifact_dir: str | None = None
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> "TrialRecord":
+        known = {f for f in TrialRecord.__dataclass_fields__}
+        return TrialRecord(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Report:
+    backend: str
+    precision: str
+    metric_name: str | None = None
+    baseline: float | None = None
+    criterion: dict | None = None
+    strategy: str | None = None
+    max_trials: int | None = None
+    timeout: float | None = None
+    model_fingerprint: str | None = None
+    trials: list[TrialRecord] = field(default_factory=list)
+    chosen: int | None = None  # index into trials
+    met: bool | None = None  # None: no accuracy control
+    seconds: float = 0.0
+    fp32_latency_ms: float | None = None
+    stop_reason: str | None = None
+
+    # -- access ----------------------------------------------------------------------------
+    @property
+    def chosen_trial(self) -> TrialRecord | None:
+        return None if self.chosen is None else self.trials[self.chosen]
+
+    def find(self, key: str, backend: str, precision: str) -> TrialRecord | None:
+        for t in self.trials:
+            if t.key == key and t.backend == backend and t.precision == precision and not t.status.startswith("failed"):
+                return t
+        return None
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> "Report":
+        data = dict(data)
+        trials = [TrialRecord.from_dict(t) for t in data.pop("trials", [])]
+        known = {f for f in Report.__dataclass_fields__}
+        return Report(trials=trials, **{k: v for k, v in data.items() if k in known})
+
+    @staticmethod
+    def from_json(text: str) -> "Report":
+        return Report.from_dict(json.loads(text))
+
+    @staticmethod
+    def load(path: str) -> "Report":
+        with open(path) as f:
+            return Report.from_json(f.read())
+
+    # -- presentation ----------------------------------------------------------------------
+    _COLUMNS = ("#", "backend", "precision", "config", "metric", "passed", "latency b1 ms", "size KB", "seconds", "status")
+
+    def rows(self) -> list[list[str]]:
+        def fmt(v, spec="{:.4f}"):
+            return "" if v is None else spec.format(v)
+
+        out = []
+        for t in self.trials:
+            cfg = t.config or {}
+            knobs = ",".join(f"{k}={v}" for k, v in (cfg.get("knobs") or {}).items())
+            fb = cfg.get("fallback") or []
+            text = knobs + (f" fp32:{len(fb)}" if fb else "")
+            mark = "*" if self.chosen == t.index else ""
+            out.append([
+                f"{t.index}{mark}", t.backend, t.precision, text or "default", fmt(t.metric),
+                "" if t.passed is None else ("yes" if t.passed else "no"),
+                fmt(t.latency_ms, "{:.3f}"), fmt(None if t.size_bytes is None else t.size_bytes / 1024, "{:.1f}"),
+                f"{t.seconds:.1f}", t.status,
+            ])
+        return out
+
+    def table(self) -> str:
+        """A markdown table of the trials (``*`` marks the chosen one) with a summary line."""
+        head = "| " + " | ".join(self._COLUMNS) + " |"
+        sep = "|" + "|".join("---" for _ in self._COLUMNS) + "|"
+        body = ["| " + " | ".join(r) + " |" for r in self.rows()]
+        summary = (
+            f"baseline {self.metric_name}={self.baseline:.4f}, criterion {self.criterion}, "
+            if self.baseline is not None
+            else ""
+        ) + f"met={self.met}, trials={len(self.trials)}, {self.seconds:.1f}s"
+        return "\n".join([summary, head, sep, *body])
+
+    def to_html(self, plot_png_base64: str | None = None) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self._COLUMNS)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in self.rows()
+        )
+        img = f'<img alt="latency vs metric" src="data:image/png;base64,{plot_png_base64}"/>' if plot_png_base64 else ""
+        summary = html.escape(self.table().splitlines()[0])
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'><title>nano-tfx quantization report</title>"
+            "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:2px 6px}"
+            "table{border-collapse:collapse}</style></head><body>"
+            f"<h1>Quantization report</h1><p>{summary}</p><table><tr>{head}</tr>{body}</table>{img}"
+            "</body></html>"
+        )
+
+    def plot_png(self, path: str) -> bool:
+        """Latency vs metric scatter of the trials; False when nothing to plot."""
+        points = [(t.latency_ms, t.metric, t) for t in self.trials if t.latency_ms is not None and t.metric is not None]
+        if not points:
+            return False
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for lat, met, t in points:
+            ax.scatter(lat, met, marker="*" if t.index == self.chosen else "o",
+                       color="tab:green" if t.passed else "tab:red", s=80 if t.index == self.chosen else 30)
+            ax.annotate(f"{t.backend}/{t.precision}#{t.index}", (lat, met), fontsize=7)
+        if self.baseline is not None:
+            ax.axhline(self.baseline, color="gray", linestyle="--", label="FP32 baseline")
+            ax.legend()
+        ax.set_xlabel("latency, batch 1 (ms)")
+        ax.set_ylabel(self.metric_name or "metric")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return True

@@ -1,0 +1,1 @@
+"""Tuning: strategies propose configs, a runner runs trials, the tuner judges and stops."""

@@ -1,0 +1,187 @@
+"""Trials as pure data: ``run_trial(job, config) -> TrialResult``, and who runs them.
+
+``run_trial`` is what the in-process ``LocalRunner`` calls, and what the TFX component's Beam
+runner calls inside a DoFn on a worker: everything it needs travels in the picklable
+``TrialJob``; what it returns is plain data plus, in-process, the live candidate.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nano_tfx.backends.base import AccuracyContext, BackendOptions, CalibrationData, Candidate, TrialConfig, backend_class
+from nano_tfx.criterion import AccuracyCriterion
+from nano_tfx.interchange import SavedModelSource
+from nano_tfx.metrics import Evaluator
+from nano_tfx.timing import latency_ms, rows
+
+
+@dataclass
+class TrialJob:
+    """Everything a worker needs to run any trial of one tuning run (picklable)."""
+
+    source: SavedModelSource
+    backend: str  # registry key: "inc" | "onnxruntime" | "openvino"
+    options: BackendOptions
+    precision: str
+    approach: str
+    calibration: CalibrationData | None
+    evaluation: Any = None  # ModelBatches or another re-iterable of (inputs, labels)
+    evaluator: Evaluator | None = None
+    baseline: float | None = None
+    criterion: AccuracyCriterion | None = None
+    artifact_root: str | None = None  # save each trial's model here (Beam); None keeps it in memory
+    measure_latency: bool = True
+    latency_batch: int | None = None
+    want_mse: bool = False
+    workdir: str | None = None
+
+
+@dataclass
+class TrialResult:
+    config: TrialConfig
+    metric: float | None = None
+    passed: bool | None = None
+    latency_ms: float | None = None
+    latency_batch_ms: float | None = None
+    size_bytes: int | None = None
+    seconds: float = 0.0
+    status: str = "ok"
+    output_mse: float | None = None
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    artifact_dir: str | None = None
+    candidate: Candidate | None = None  # in-process only; dropped when pickled
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["candidate"] = None
+        return state
+
+
+_PREPARED: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _backend_and_prepared(job: TrialJob):
+    """One backend instance and one ``prepare`` per (process, source, backend, options)."""
+    key = (job.source.path, job.source.signature_key, job.backend, repr(job.options), job.precision)
+    if key not in _PREPARED:
+        backend = backend_class(job.backend)(job.options)
+        workdir = job.workdir or job.artifact_root or os.path.join(os.path.dirname(job.source.path), "work")
+        workdir = os.path.join(workdir, f"prepare_{job.backend}_{os.getpid()}")
+        os.makedirs(workdir, exist_ok=True)
+        _PREPARED[key] = (backend, backend.prepare(job.source, workdir))
+    return _PREPARED[key]
+
+
+_REFERENCE: dict[tuple, Any] = {}
+
+
+def reference_outputs(job: TrialJob) -> list[list[np.ndarray]]:
+    """FP32 outputs over the evaluation data, cached per process (for the mse strategy)."""
+    key = (job.source.path, job.source.signature_key, id(job.evaluation))
+    if key not in _REFERENCE:
+        from nano_tfx.backends.tf_reference import TFSignatureCandidate
+
+        ref = TFSignatureCandidate(job.source)
+        _REFERENCE[key] = [ref.run(xs) for xs, _ in job.evaluation]
+    return _REFERENCE[key]
+
+
+def _output_mse(job: TrialJob, candidate: Candidate) -> float:
+    errs, count = 0.0, 0
+    for (xs, _), ref in zip(job.evaluation, reference_outputs(job)):
+        for got, want in zip(candidate.run(xs), ref):
+            errs += float(np.sum((np.asarray(got, np.float64) - want) ** 2))
+            count += want.size
+    return errs / max(count, 1)
+
+
+def trial_dir_name(config: TrialConfig, backend: str, precision: str) -> str:
+    return hashlib.sha1(f"{backend}|{precision}|{config.key()}".encode()).hexdigest()[:16]
+
+
+def accuracy_context(job: TrialJob) -> AccuracyContext | None:
+    if job.evaluator is None or job.baseline is None or job.criterion is None:
+        return None
+    from nano_tfx.result import QuantizedModel
+
+    def evaluate(run):
+        return job.evaluator.evaluate(run, job.evaluation, model=QuantizedModel.from_run(run, job.source))
+
+    return AccuracyContext(
+        evaluate=evaluate,
+        baseline=job.baseline,
+        max_drop=job.criterion.max_drop,
+        drop_type=job.criterion.drop_type,
+        higher_is_better=job.criterion.higher_is_better,
+        eval_batches=lambda: iter(job.evaluation),
+    )
+
+
+def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
+    """Quantize with ``config``, evaluate, time, optionally save. Failures become a status."""
+    start = time.perf_counter()
+    try:
+        backend, prepared = _backend_and_prepared(job)
+        candidate = backend.quantize(prepared, job.precision, config, job.calibration, accuracy_context(job))
+        result = TrialResult(config, candidate=candidate)
+        if job.evaluator is not None:
+            from nano_tfx.result import QuantizedModel
+
+            model = QuantizedModel(candidate, job.source)
+            result.metric = job.evaluator.evaluate(candidate.run, job.evaluation, model=model)
+            if job.criterion is not None and job.baseline is not None:
+                result.passed = job.criterion.met(job.baseline, result.metric)
+        if job.want_mse and job.evaluation is not None:
+            result.output_mse = _output_mse(job, candidate)
+        if job.measure_latency and job.calibration is not None:
+            first = next(iter(job.calibration))
+            result.latency_ms = latency_ms(candidate.run, rows(first, 1))
+            if job.latency_batch and job.latency_batch > 1:
+                result.latency_batch_ms = latency_ms(candidate.run, rows(first, job.latency_batch))
+        if job.artifact_root:
+            out = os.path.join(job.artifact_root, trial_dir_name(config, job.backend, job.precision))
+            from nano_tfx.result import write_model_dir
+
+            write_model_dir(out, candidate, job.source.inputs, job.source.outputs, config, job.backend)
+            result.artifact_dir = out
+        result.size_bytes = candidate.size_bytes(result.artifact_dir)
+    except Exception as err:  # a failed trial is a recorded outcome, not a crash of the run
+        last = traceback.format_exception_only(type(err), err)[-1].strip()
+        result = TrialResult(config, status=f"failed: {last[:300]}")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+class TrialRunner(abc.ABC):
+    """Runs a batch of trial configs; ``parallelism`` is how many the tuner proposes at once."""
+
+    parallelism: int = 1
+
+    @abc.abstractmethod
+    def run(self, job: TrialJob, configs: list[TrialConfig]) -> list[TrialResult]:
+        ...
+
+    def load_candidate(self, job: TrialJob, result: TrialResult) -> Candidate:
+        """The live model of a finished trial (in memory, or loaded from its artifact)."""
+        if result.candidate is not None:
+            return result.candidate
+        backend, _ = _backend_and_prepared(job)
+        from nano_tfx.result import read_manifest
+
+        return backend.load(result.artifact_dir, read_manifest(result.artifact_dir))
+
+
+class LocalRunner(TrialRunner):
+    """In-process, one trial at a time (the Keras API and the callback)."""
+
+    def run(self, job: TrialJob, configs: list[TrialConfig]) -> list[TrialResult]:
+        return [run_trial(job, c) for c in configs]
