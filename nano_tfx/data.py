@@ -294,8 +294,13 @@ class ModelBatches:
     def with_options(self, batch: int | None = None, sample_size: int | None = None) -> "ModelBatches":
         return ModelBatches(self.source, self.inputs, batch, sample_size, self.argument)
 
-    def calibration(self) -> "InputBatches":
-        return InputBatches(self)
+    def calibration(self, batch: int = 32) -> "InputBatches":
+        """Inputs only, for calibration. Unbatched data is grouped ``batch`` at a time: the
+        statistics are the same, the passes are far fewer."""
+        if self.source.batched or self.batch:
+            return InputBatches(self)
+        size = min(batch, self.sample_size or batch)
+        return InputBatches(ModelBatches(self.source, self.inputs, size, self.sample_size, self.argument))
 
 
 class InputBatches(CalibrationData):
@@ -304,7 +309,7 @@ class InputBatches(CalibrationData):
     def __init__(self, batches: ModelBatches):
         self._batches = batches
         self.num_samples = batches.sample_size
-        self.batch_size = batches.batch or 1
+        self.batch_size = batches.batch or len(batches.check()[0][0])
 
     def __iter__(self) -> Iterator[list[np.ndarray]]:
         for xs, _ in self._batches:

@@ -28,6 +28,7 @@ class _Prepared:
     source: SavedModelSource
     workdir: str
     compute_nodes: list[str]
+    input_nodes: list[str]  # frozen-graph placeholder names, in source.inputs order
 
 
 class _Loader:
@@ -44,11 +45,34 @@ class _Loader:
             yield (xs[0] if len(xs) == 1 else dict(zip(self.names, xs))), 0
 
 
+def _capture_calibration_on_fd2() -> None:
+    """INC reads calibration ranges that TF's Print ops write to file descriptor 2, by
+    redirecting the fd of whatever ``sys.stderr`` was when INC was imported. Under pytest,
+    Jupyter or a Beam worker that object is not fd 2 and calibration silently reads nothing
+    ("list index out of range"). Point it at the real stderr."""
+    import sys
+
+    from neural_compressor.utils import utility
+
+    if sys.__stderr__ is not None:
+        utility.CaptureOutputToFile.__init__.__defaults__ = (sys.__stderr__,)
+
+
 def _frozen_graph(source: SavedModelSource):
+    """The signature as a constant GraphDef + its input placeholders and outputs, ordered
+    like ``source.inputs`` / ``source.outputs``."""
+    import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     _, fn = source.load_signature()
-    return convert_variables_to_constants_v2(fn).graph.as_graph_def()
+    frozen = convert_variables_to_constants_v2(fn)
+    graph_def = frozen.graph.as_graph_def()
+    # Flat inputs follow the signature's sorted keyword names; outputs its sorted output keys.
+    arg_names = sorted(fn.structured_input_signature[1])
+    placeholders = [t.name.split(":")[0] for t in frozen.inputs if t.dtype != tf.resource]
+    by_arg = dict(zip(arg_names, placeholders))
+    outs = dict(zip(sorted(fn.structured_outputs), [t.name.split(":")[0] for t in frozen.outputs]))
+    return graph_def, [by_arg[n] for n in source.input_names], [outs[n] for n in source.output_names]
 
 
 class IncCandidate(Candidate):
@@ -136,11 +160,11 @@ class IncBackend(Backend):
             )
 
     def prepare(self, source: SavedModelSource, workdir: str) -> _Prepared:
-        graph_def = _frozen_graph(source)
+        graph_def, input_nodes, output_nodes = _frozen_graph(source)
         nodes = [n.name for n in graph_def.node if n.op in _COMPUTE_OPS]
         # First and last compute layers are the usual accuracy suspects: offer them first.
         ordered = nodes[:1] + nodes[-1:] + nodes[1:-1] if len(nodes) > 2 else nodes
-        return _Prepared(source, workdir, list(dict.fromkeys(ordered)))
+        return _Prepared(source, workdir, list(dict.fromkeys(ordered)), input_nodes)
 
     def search_space(self, prepared: _Prepared, precision: str, approach: str) -> SearchSpace:
         return SearchSpace(
@@ -160,7 +184,7 @@ class IncBackend(Backend):
             raise ValueError("calib_dataset: INC static quantization needs calibration data")
         source = prepared.source
         options.workspace = os.path.join(prepared.workdir, "nc_workspace")
-        loader = _Loader(calibration, source.input_names)
+        loader = _Loader(calibration, prepared.input_nodes)
         op_type = {
             op: {
                 "weight": {"granularity": [config.knob("weight_granularity", "per_channel")]},
@@ -177,13 +201,16 @@ class IncBackend(Backend):
             reduce_range=False,
         )
         logging.getLogger("neural_compressor").setLevel(logging.WARNING)
+        _capture_calibration_on_fd2()
+        # The SavedModel path, not our frozen GraphDef: INC's GraphDef route mis-fuses biases on
+        # some graphs ("Cannot convert ... to a TensorFlow DType" in rerange_quantized_concat).
         q = fit(model=source.path, conf=conf, calib_dataloader=loader)
         if q is None:
             raise RuntimeError("INC returned no model for this config")
         return IncCandidate(
             q.graph_def, source.inputs, source.outputs,
-            [f"{n}:0" if ":" not in n else n for n in q.input_tensor_names],
-            _output_tensors(source, q.output_tensor_names),
+            _tensor_names(q.input_tensor_names, sorted(source.input_names), source.input_names),
+            _tensor_names(q.output_tensor_names, sorted(source.output_names), source.output_names),
             precision, self.options.thread_num,
         )
 
@@ -203,8 +230,9 @@ class IncBackend(Backend):
         )
 
 
-def _output_tensors(source: SavedModelSource, names: Sequence[str]) -> list[str]:
-    """INC names the frozen outputs Identity, Identity_1, … in the signature's sorted key order."""
-    tensors = [f"{n}:0" if ":" not in n else n for n in names]
-    by_key = dict(zip(sorted(source.output_names), tensors))
-    return [by_key[n] for n in source.output_names]
+def _tensor_names(nodes: Sequence[str], sorted_keys: Sequence[str], wanted: Sequence[str]) -> list[str]:
+    """INC's frozen graph lists inputs/outputs in the signature's sorted key order; reorder
+    them to ours."""
+    tensors = [n if ":" in n else f"{n}:0" for n in nodes]
+    by_key = dict(zip(sorted_keys, tensors))
+    return [by_key[k] for k in wanted]

@@ -37,7 +37,13 @@ def _nano_quantize(self, *args: Any, **kwargs: Any) -> Any:
         lone_mode = (len(args) == 1 and not (set(kwargs) & _NANO_ONLY) and isinstance(args[0], str)
                      and args[0] in _KERAS_MODES)
         if mode is not None or lone_mode and (args[0] != "int8" or not kwargs):
-            return keras_own(mode if mode is not None else args[0], *args[1 if mode is None else 0:], **kwargs)
+            # Keras' wrapper calls the class-level ``quantize`` (ours): flag that Keras' own
+            # implementation is wanted there.
+            object.__setattr__(self, "_in_keras_quantize", True)
+            try:
+                return keras_own(mode if mode is not None else args[0], *args[1 if mode is None else 0:], **kwargs)
+            finally:
+                object.__setattr__(self, "_in_keras_quantize", False)
     return _quantize(self, *args, **kwargs)
 
 
@@ -55,8 +61,10 @@ class _NanoQuantizeMixin:
         object.__setattr__(obj, "quantize", types.MethodType(_nano_quantize, obj))
         return obj
 
-    def quantize(self, *args: Any, **kwargs: Any) -> QuantizedModel:  # tf_keras path
-        return _nano_quantize(self, *args, **kwargs)
+    def quantize(self, *args: Any, **kwargs: Any) -> QuantizedModel:
+        if getattr(self, "_in_keras_quantize", False):  # reached through Keras 3's wrapper
+            return super().quantize(*args, **kwargs)
+        return _nano_quantize(self, *args, **kwargs)  # tf_keras: the class method is the entry
 
 
 class Model(_NanoQuantizeMixin, _keras.Model):

@@ -1,0 +1,67 @@
+"""Shared fixtures: small real models trained on scikit-learn's digits (8x8x1, 10 classes)."""
+import os
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # before TensorFlow: INC's INT8 kernels need it
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+import nano_tfx  # noqa: F401,E402
+
+
+def digits_split():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype("float32")[..., None]
+    y = d.target.astype("int64")
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(x))
+    x, y = x[idx], y[idx]
+    return (x[:1300], y[:1300]), (x[1300:], y[1300:])
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return digits_split()
+
+
+def build_cnn(keras_module, seed: int = 0):
+    keras_module.utils.set_random_seed(seed)
+    L = keras_module.layers
+    inp = keras_module.Input((8, 8, 1), name="image")
+    x = L.Conv2D(16, 3, activation="relu", padding="same")(inp)
+    x = L.Conv2D(32, 3, activation="relu")(x)
+    x = L.MaxPooling2D()(x)
+    x = L.Flatten()(x)
+    x = L.Dense(64, activation="relu")(x)
+    out = L.Dense(10, activation="softmax", name="probs")(x)
+    return inp, out
+
+
+def train(model, digits, epochs: int = 6):
+    (xtr, ytr), _ = digits
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(xtr, ytr, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def keras3_cnn(digits):
+    import keras
+
+    inp, out = build_cnn(keras)
+    return train(keras.Model(inp, out), digits)
+
+
+@pytest.fixture(scope="session")
+def tf_keras_cnn(digits):
+    import tf_keras
+
+    inp, out = build_cnn(tf_keras)
+    return train(tf_keras.Model(inp, out), digits)
+
+
+def accuracy(probs, y) -> float:
+    return float((np.asarray(probs).argmax(-1) == np.asarray(y).reshape(-1)).mean())
