@@ -1,0 +1,702 @@
+"""ONNX Runtime backend: SavedModel → ONNX (tf2onnx) → INT8 with ``onnxruntime.quantization``.
+
+Lifecycle (see ``nano_tfx.backends.base``):
+
+* ``prepare``: tf2onnx converts the source signature to ONNX (input/output names kept equal to
+  ``source.input_names`` / ``source.output_names``), then ``quant_pre_process`` (symbolic shape
+  inference + ORT basic graph optimisation). The result is an :class:`OrtPrepared` — plain,
+  picklable data (paths + node lists), so trials may run in other processes.
+* ``search_space``: static INT8 knobs ``format`` (QDQ), ``activation_type`` (uint8),
+  ``per_channel`` (True), ``calibrate_method`` (MinMax) (+ ``reduce_range`` (True) on x86 CPUs
+  without VNNI); dynamic INT8 knobs ``per_channel``, ``weight_type``, ``quantize_conv``
+  (+ ``reduce_range``); fp16 has no knobs. Every config also carries its ``approach``. Fallback
+  candidates are the weighted nodes (Conv, MatMul, Gemm, ...) of the pre-processed graph: first
+  and last such node, then by weight-range spread across output channels.
+* fp16: ``onnxruntime.transformers.float16`` (weights and compute graph fp16, IO kept fp32).
+  Runs on ORT CPU, but x86 has few fp16 kernels, so ORT inserts Casts: smaller, not faster.
+* ``quantize``: one ONNX file per trial under ``<workdir>/onnxruntime/trials``; returns an
+  :class:`OrtCandidate` (an ``InferenceSession`` + pre-built name lists).
+
+``BackendOptions.method``: ``'qlinear'`` pins the QOperator format (static only), ``'integer'``
+pins IntegerOps (ConvInteger/MatMulInteger = ORT dynamic quantization, so approach='dynamic'),
+``None`` tunes the format (QDQ first).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from nano_tfx.backends.base import (
+    AccuracyContext,
+    Backend,
+    CalibrationData,
+    Candidate,
+    SearchSpace,
+    TrialConfig,
+    register,
+)
+from nano_tfx.interchange import SavedModelSource, TensorInfo
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+DEFAULT_OPSET = 17
+_OPSET_RANGE = (13, 17)
+
+#: Op types whose weights make them worth keeping in FP32 (the fallback candidates).
+STATIC_WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM")
+DYNAMIC_WEIGHTED_OPS = ("Conv", "MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormalization")
+FP16_WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+FORMATS = ("QDQ", "QOperator")
+ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_TYPES = ("int8", "uint8")
+CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")
+METHODS = ("qlinear", "integer")
+#: Knob names each kind of trial understands (anything else in a TrialConfig is an error).
+KNOBS = {
+    "static": {"approach", "format", "activation_type", "per_channel", "calibrate_method", "reduce_range"},
+    "dynamic": {"approach", "per_channel", "weight_type", "quantize_conv", "reduce_range"},
+    "fp16": set(),
+}
+
+#: Calibration batches per collection chunk (ORT keeps every activation of a chunk in RAM
+#: before reducing it to ranges/histograms).
+_CALIB_CHUNK = 8
+
+
+def cpu_has_vnni() -> bool | None:
+    """True/False from /proc/cpuinfo on x86 Linux; None when unknown (then no extra knob)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    except OSError:
+        pass
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Prepared state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OrtPrepared:
+    """Everything a trial needs; plain data, safe to pickle."""
+
+    source: SavedModelSource
+    workdir: str  # <workdir>/onnxruntime, owned by this backend
+    fp32_path: str  # tf2onnx output
+    model_path: str  # pre-processed model every trial starts from
+    preprocessed: str  # "full" | "full_auto_merge" | "no_symbolic_shape" | "none" (quant_pre_process)
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    #: (node name, op type) of every node in graph order, pre-processed model
+    nodes: list[tuple[str, str]] = field(default_factory=list)
+    #: node name → weight-range spread (max over channels / median over channels of |w|max)
+    weight_spread: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def trials_dir(self) -> str:
+        return os.path.join(self.workdir, "trials")
+
+    def quantizable(self, op_types: Iterable[str]) -> list[str]:
+        ops = set(op_types)
+        return [name for name, op in self.nodes if op in ops and name]
+
+
+# --------------------------------------------------------------------------------------------
+# Candidate
+# --------------------------------------------------------------------------------------------
+
+
+class OrtCandidate(Candidate):
+    """An ONNX Runtime ``InferenceSession`` over one model file.
+
+    ``run`` is a direct ``sess.run(output_names, {name: array})`` with both name lists built once.
+    A candidate from ``quantize`` owns its trial directory and deletes it when garbage-collected
+    (keep a reference until ``save``). Pickling ships the model bytes and rebuilds the session.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        model_path: str,
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        precision: str,
+        session_options: Any = None,
+        config: TrialConfig | None = None,
+    ):
+        self.model_path = model_path
+        self.precision = precision
+        self.config = config
+        self.input_names = tuple(input_names)
+        self.output_names = list(output_names)
+        self._session_options = session_options
+        self._build(model_path)
+
+    def _build(self, model: str | bytes) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(
+            model, sess_options=self._session_options, providers=["CPUExecutionProvider"]
+        )
+        self._sess_run = self.session.run
+        names = self.input_names
+        if len(names) == 1:
+            only = names[0]
+            out = self.output_names
+            sess_run = self._sess_run
+
+            def run(inputs, _only=only, _out=out, _run=sess_run):
+                return _run(_out, {_only: inputs[0]})
+
+        else:
+            out = self.output_names
+            sess_run = self._sess_run
+
+            def run(inputs, _names=names, _out=out, _run=sess_run):
+                return _run(_out, dict(zip(_names, inputs)))
+
+        # Instance attribute shadows the method: one Python call frame per batch.
+        self.run = run  # type: ignore[method-assign]
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:  # replaced in _build
+        return self._sess_run(self.output_names, dict(zip(self.input_names, inputs)))
+
+    def _own(self, path: str) -> None:
+        """Delete ``path`` (this trial's directory/file) when the candidate is garbage-collected,
+        so a long tuning run doesn't pile up one model file per trial."""
+        remove = shutil.rmtree if os.path.isdir(path) else os.remove
+        self._finalizer = weakref.finalize(self, _quiet, remove, path)
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        shutil.copyfile(self.model_path, os.path.join(directory, MODEL_FILE))
+
+    def size_bytes(self, directory: str | None = None) -> int | None:
+        path = os.path.join(directory, MODEL_FILE) if directory else self.model_path
+        try:
+            return os.path.getsize(path)
+        except OSError:
+            return None
+
+    # Pickling: ship the bytes, not the session (InferenceSession can't be pickled).
+    def __getstate__(self) -> dict:
+        skip = ("session", "_sess_run", "run", "_finalizer")
+        state = {k: v for k, v in self.__dict__.items() if k not in skip}
+        with open(self.model_path, "rb") as f:
+            state["_model_bytes"] = f.read()
+        # SessionOptions isn't picklable: ship its thread count, rebuild the rest as defaults.
+        so = self._session_options
+        state["_session_options"] = None
+        state["_intra_threads"] = so.intra_op_num_threads if so is not None else 0
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        import onnxruntime as ort
+
+        model_bytes = state.pop("_model_bytes")
+        threads = state.pop("_intra_threads", 0)
+        self.__dict__.update(state)
+        self._session_options = ort.SessionOptions()
+        self._session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session_options.intra_op_num_threads = threads
+        # Always a private copy: the sender's trial file may be deleted with the sender.
+        fd, self.model_path = tempfile.mkstemp(suffix=".onnx", prefix="ort_candidate_")
+        with os.fdopen(fd, "wb") as f:
+            f.write(model_bytes)
+        self._own(self.model_path)
+        self._build(self.model_path)
+
+    def __repr__(self) -> str:
+        return f"OrtCandidate(precision={self.precision!r}, model={self.model_path!r})"
+
+
+def _quiet(fn, path) -> None:
+    try:
+        fn(path)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration reader
+# --------------------------------------------------------------------------------------------
+
+
+def _calibration_reader(calibration: Iterable[Sequence[np.ndarray]], input_names: Sequence[str]):
+    """``calibration`` batches (lists in input order) → an ORT reader with ``set_range``.
+
+    The batches are materialised once (the calibration set is already capped by the engine);
+    ORT's strided collection then walks them chunk by chunk.
+    """
+    from onnxruntime.quantization import CalibrationDataReader
+
+    names = list(input_names)
+
+    def feed(batch) -> dict:
+        if len(batch) != len(names):
+            raise ValueError(
+                f"calibration: each batch must hold {len(names)} arrays (inputs {names}), "
+                f"got {len(batch)}"
+            )
+        return {n: np.asarray(a) for n, a in zip(names, batch)}
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = [feed(b) for b in calibration]
+            self._pos, self._end = 0, len(self._batches)
+
+        def __len__(self):
+            return len(self._batches)
+
+        def set_range(self, start_index: int, end_index: int):
+            self._pos, self._end = start_index, min(end_index, len(self._batches))
+
+        def get_next(self):
+            if self._pos >= self._end:
+                return None
+            self._pos += 1
+            return self._batches[self._pos - 1]
+
+    return _Reader()
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    for d in range(min(cap, n), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+# --------------------------------------------------------------------------------------------
+# Graph helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _weight_spread(model) -> dict[str, float]:
+    """Per weighted node: max(|w| per output channel) / median(...). Large = per-tensor-hostile."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    spread: dict[str, float] = {}
+    for node in model.graph.node:
+        if node.op_type not in STATIC_WEIGHTED_OPS or len(node.input) < 2:
+            continue
+        init = inits.get(node.input[1])
+        if init is None:
+            continue
+        try:
+            w = numpy_helper.to_array(init).astype(np.float32)
+        except Exception:  # pragma: no cover - exotic initializers
+            continue
+        if w.ndim < 2:
+            continue
+        if node.op_type in ("Conv",):
+            axis = 0
+        elif node.op_type == "ConvTranspose":
+            axis = 1
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = 0 if trans_b else 1
+        else:  # MatMul: [K, N]
+            axis = w.ndim - 1
+        per_ch = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
+        med = float(np.median(per_ch))
+        spread[node.name] = float(per_ch.max() / med) if med > 0 else float("inf")
+    return spread
+
+
+def _order_by_sensitivity(names: list[str], spread: Mapping[str, float]) -> list[str]:
+    """First and last weighted node first (classic sensitive layers), then by weight spread."""
+    if len(names) <= 2:
+        return list(names)
+    head = [names[0], names[-1]]
+    rest = names[1:-1]
+    order = {n: i for i, n in enumerate(rest)}
+    rest = sorted(rest, key=lambda n: (-spread.get(n, 0.0), order[n]))
+    return head + rest
+
+
+def _convert_to_onnx(source: SavedModelSource, output_path: str, opset: int) -> None:
+    """tf2onnx from the SavedModel signature; names follow the signature's structured names."""
+    import tensorflow as tf
+    from tf2onnx import tf_loader
+    from tf2onnx.convert import _convert_common
+
+    graph_def, inputs, outputs, tables, renames = tf_loader.from_saved_model(
+        source.path,
+        None,
+        None,
+        tag=["serve"],
+        signatures=[source.signature_key],
+        return_initialized_tables=True,
+        return_tensors_to_rename=True,
+    )
+    with tf.device("/cpu:0"):
+        _convert_common(
+            graph_def,
+            name=source.path,
+            opset=opset,
+            input_names=inputs,
+            output_names=outputs,
+            tensors_to_rename=renames,
+            initialized_tables=tables,
+            output_path=output_path,
+        )
+
+
+def _preprocess(src: str, dst: str) -> str:
+    """``quant_pre_process`` with graceful degradation; returns how far it got."""
+    from onnxruntime.quantization import quant_pre_process
+
+    attempts = (
+        ("full", {}),
+        # e.g. two inputs whose free batch dims got different symbols, joined by a Concat
+        ("full_auto_merge", {"auto_merge": True}),
+        ("no_symbolic_shape", {"skip_symbolic_shape": True}),
+    )
+    # A failed symbolic inference dumps its partial model into the *current directory*.
+    stray = [os.path.abspath(p) for p in ("sym_shape_infer_temp.onnx", "sym_shape_infer_temp.onnx.data")]
+    preexisting = {p for p in stray if os.path.exists(p)}
+    try:
+        for label, kwargs in attempts:
+            try:
+                quant_pre_process(src, dst, **kwargs)
+                if os.path.exists(dst):
+                    return label
+            except Exception as exc:  # symbolic shape inference / optimiser can fail on odd graphs
+                logger.info("quant_pre_process (%s) failed: %s", label, exc)
+    finally:
+        for p in stray:
+            if p not in preexisting and os.path.exists(p):
+                _quiet(os.remove, p)
+    logger.warning("quant_pre_process failed (see info log); quantizing the un-preprocessed model")
+    shutil.copyfile(src, dst)
+    return "none"
+
+
+# --------------------------------------------------------------------------------------------
+# Backend
+# --------------------------------------------------------------------------------------------
+
+
+@register("onnxruntime")
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    precisions = {"int8": ("static", "dynamic"), "fp16": ()}
+
+    # ---- validation ------------------------------------------------------------------------
+
+    def validate(self, precision: str, approach: str) -> None:
+        super().validate(precision, approach)
+        method = self.options.method
+        if method is None:
+            return
+        if method not in METHODS:
+            raise ValueError(
+                f"method: accelerator='onnxruntime' supports {list(METHODS)} or None, got {method!r}"
+            )
+        if precision != "int8":
+            raise ValueError(
+                f"method: {method!r} only applies to precision='int8', got precision={precision!r}; "
+                f"leave method=None"
+            )
+        if method == "integer" and approach != "dynamic":
+            raise ValueError(
+                "method: 'integer' (IntegerOps: ConvInteger/MatMulInteger) is ONNX Runtime dynamic "
+                f"quantization; use approach='dynamic', or method='qlinear'/None for approach={approach!r}"
+            )
+        if method == "qlinear" and approach != "static":
+            raise ValueError(
+                "method: 'qlinear' (QOperator: QLinearConv/QLinearMatMul) needs calibrated "
+                f"activations, i.e. approach='static'; got approach={approach!r} (use method='integer' "
+                "or None for dynamic)"
+            )
+
+    # ---- prepare ----------------------------------------------------------------------------
+
+    def _opset(self) -> int:
+        opset = int((self.options.extra or {}).get("onnx_opset", DEFAULT_OPSET))
+        lo, hi = _OPSET_RANGE
+        if not lo <= opset <= hi:
+            raise ValueError(f"onnx_opset: expected an int in [{lo}, {hi}], got {opset}")
+        return opset
+
+    def prepare(self, source: SavedModelSource, workdir: str) -> OrtPrepared:
+        import onnx
+
+        opset = self._opset()
+        own = os.path.join(os.path.abspath(workdir), "onnxruntime")
+        os.makedirs(os.path.join(own, "trials"), exist_ok=True)
+        fp32_path = os.path.join(own, "fp32.onnx")
+        model_path = os.path.join(own, "fp32_preprocessed.onnx")
+
+        _convert_to_onnx(source, fp32_path, opset)
+        converted = onnx.load(fp32_path, load_external_data=False)
+        got_in = [i.name for i in converted.graph.input]
+        got_out = [o.name for o in converted.graph.output]
+        if sorted(got_in) != sorted(source.input_names) or sorted(got_out) != sorted(source.output_names):
+            raise RuntimeError(
+                f"tf2onnx produced inputs {got_in} / outputs {got_out}, expected "
+                f"{source.input_names} / {source.output_names} (signature {source.signature_key!r})"
+            )
+        del converted
+
+        how = _preprocess(fp32_path, model_path)
+        model = onnx.load(model_path)
+        nodes = [(n.name, n.op_type) for n in model.graph.node]
+        spread = _weight_spread(model)
+        return OrtPrepared(
+            source=source,
+            workdir=own,
+            fp32_path=fp32_path,
+            model_path=model_path,
+            preprocessed=how,
+            opset=opset,
+            input_names=list(source.input_names),
+            output_names=list(source.output_names),
+            nodes=nodes,
+            weight_spread=spread,
+        )
+
+    # ---- search space -----------------------------------------------------------------------
+
+    def search_space(self, prepared: OrtPrepared, precision: str, approach: str) -> SearchSpace:
+        self.validate(precision, approach)
+        method = self.options.method
+        # x86 without VNNI runs U8S8 through VPMADDUBSW, whose int16 pair sums saturate with
+        # full-range int8 weights (measured: 20x larger error on a random Dense net, worse with
+        # per-channel). 7-bit weights (reduce_range) avoid it at the same speed → default there.
+        no_vnni = cpu_has_vnni() is False
+        if precision == "fp16":
+            names = prepared.quantizable(FP16_WEIGHTED_OPS)
+            return SearchSpace({}, _order_by_sensitivity(names, prepared.weight_spread))
+        if approach == "dynamic":
+            knobs: dict[str, list] = {
+                "approach": ["dynamic"],
+                "per_channel": [False, True],
+                "weight_type": list(WEIGHT_TYPES),
+            }
+            names = prepared.quantizable(DYNAMIC_WEIGHTED_OPS)
+            convs = set(prepared.quantizable(("Conv",)))
+            if convs:
+                # ConvInteger is slower than FP32 Conv on CPU: leaving Conv in FP32 is the default.
+                knobs["quantize_conv"] = [False, True]
+            if no_vnni:
+                knobs["reduce_range"] = [True, False]
+            ordered = _order_by_sensitivity([n for n in names if n not in convs], prepared.weight_spread)
+            ordered += _order_by_sensitivity([n for n in names if n in convs], prepared.weight_spread)
+            return SearchSpace(knobs, ordered)
+        knobs = {
+            "approach": ["static"],
+            "format": ["QOperator"] if method == "qlinear" else list(FORMATS),
+            "activation_type": list(ACTIVATION_TYPES),
+            "per_channel": [True, False],
+            "calibrate_method": list(CALIBRATE_METHODS),
+        }
+        if no_vnni:
+            knobs["reduce_range"] = [True, False]
+        names = prepared.quantizable(STATIC_WEIGHTED_OPS)
+        return SearchSpace(knobs, _order_by_sensitivity(names, prepared.weight_spread))
+
+    # ---- quantize ---------------------------------------------------------------------------
+
+    def session_options(self):
+        """The ``ort.SessionOptions`` every candidate uses (user's object when given)."""
+        import onnxruntime as ort
+
+        so = self.options.onnxruntime_session_options
+        if so is not None and not isinstance(so, ort.SessionOptions):
+            raise ValueError(
+                f"onnxruntime_session_options: expected onnxruntime.SessionOptions, got {type(so).__name__}"
+            )
+        if so is None:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.options.thread_num is not None:
+            if int(self.options.thread_num) < 1:
+                raise ValueError(f"thread_num: expected a positive int, got {self.options.thread_num!r}")
+            so.intra_op_num_threads = int(self.options.thread_num)
+        return so
+
+    @staticmethod
+    def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
+        if value not in allowed:
+            raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
+        return value
+
+    @staticmethod
+    def _check_knobs(precision: str, approach: str, config: TrialConfig) -> None:
+        allowed = KNOBS["fp16" if precision == "fp16" else approach]
+        unknown = sorted(k for k, _ in config.knobs if k not in allowed)
+        if unknown:
+            raise ValueError(
+                f"config: knobs {unknown} don't apply to precision={precision!r}"
+                + ("" if precision == "fp16" else f", approach={approach!r}")
+                + f"; expected a subset of {sorted(allowed)}"
+            )
+
+    def _check_fallback(self, prepared: OrtPrepared, config: TrialConfig) -> list[str]:
+        known = {n for n, _ in prepared.nodes}
+        unknown = [n for n in config.fallback if n not in known]
+        if unknown:
+            raise ValueError(f"fallback: {unknown} are not nodes of the pre-processed ONNX graph")
+        return list(config.fallback)
+
+    def quantize(
+        self,
+        prepared: OrtPrepared,
+        precision: str,
+        config: TrialConfig,
+        calibration: CalibrationData | None,
+        accuracy: AccuracyContext | None = None,
+    ) -> OrtCandidate:
+        approach = self._trial_approach(precision, config, calibration)
+        self.validate(precision, approach)
+        self._check_knobs(precision, approach, config)
+        fallback = self._check_fallback(prepared, config)
+        if precision == "int8" and approach == "static" and calibration is None:
+            raise ValueError("calibration: static INT8 needs calibration data, got None")
+        os.makedirs(prepared.trials_dir, exist_ok=True)
+        trial_dir = tempfile.mkdtemp(prefix="trial_", dir=prepared.trials_dir)
+        out = os.path.join(trial_dir, MODEL_FILE)
+        try:
+            if precision == "fp16":
+                self._fp16(prepared, out, fallback)
+            elif approach == "dynamic":
+                self._dynamic(prepared, out, config, fallback)
+            else:
+                self._static(prepared, out, config, fallback, calibration)
+            candidate = OrtCandidate(
+                out, prepared.input_names, prepared.output_names, precision, self.session_options(), config
+            )
+        except BaseException:
+            shutil.rmtree(trial_dir, ignore_errors=True)
+            raise
+        candidate._own(trial_dir)
+        return candidate
+
+    def _trial_approach(self, precision: str, config: TrialConfig, calibration) -> str:
+        """The config's ``approach`` knob (set by ``search_space``), else static iff calibrated."""
+        if precision != "int8":
+            return self.options.approach
+        approach = config.knob("approach")
+        if approach is None:
+            approach = "static" if calibration is not None else "dynamic"
+        return self._check_choice("approach", approach, self.precisions["int8"])
+
+    def _static(self, prepared, out, config, fallback, calibration) -> None:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        fmt = self._check_choice("format", config.knob("format", FORMATS[0]), FORMATS)
+        if self.options.method == "qlinear" and fmt != "QOperator":
+            raise ValueError(f"format: method='qlinear' pins 'QOperator', got {fmt!r}")
+        act = self._check_choice("activation_type", config.knob("activation_type", "uint8"), ACTIVATION_TYPES)
+        per_channel = bool(config.knob("per_channel", True))
+        cal = self._check_choice(
+            "calibrate_method", config.knob("calibrate_method", "MinMax"), CALIBRATE_METHODS
+        )
+        reduce_range = bool(config.knob("reduce_range", False))
+        # Calibration is fed in chunks through ORT's strided collection: every chunk's ranges /
+        # histograms are merged, so RAM holds one chunk of activations, not the whole set.
+        # (CalibMaxIntermediateOutputs is not used: in ORT 1.23 it drops the cleared chunks.)
+        reader = _calibration_reader(calibration, prepared.input_names)
+        n = len(reader)
+        if n == 0:
+            raise ValueError("calibration: the calibration data yielded no batches")
+        extra: dict[str, Any] = {"CalibStridedMinMax": _largest_divisor_at_most(n, _CALIB_CHUNK)}
+        quantize_static(
+            prepared.model_path,
+            out,
+            reader,
+            quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8 if act == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=fallback,
+            calibrate_method=getattr(CalibrationMethod, cal),
+            extra_options=extra,
+        )
+
+    def _dynamic(self, prepared, out, config, fallback) -> None:
+        """IntegerOps. Conv → ConvInteger always gets uint8 weights: ORT's CPU ConvInteger kernel
+        is U8U8 only, so with int8 weights the Conv nodes go through a second uint8 pass."""
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        wt = self._check_choice("weight_type", config.knob("weight_type", "int8"), WEIGHT_TYPES)
+        with_conv = bool(config.knob("quantize_conv", False))
+        common = dict(
+            per_channel=bool(config.knob("per_channel", False)),
+            reduce_range=bool(config.knob("reduce_range", False)),
+            nodes_to_exclude=list(fallback),
+        )
+        non_conv = [op for op in DYNAMIC_WEIGHTED_OPS if op != "Conv"]
+        if wt == "uint8":
+            ops = non_conv + (["Conv"] if with_conv else [])
+            quantize_dynamic(prepared.model_path, out, op_types_to_quantize=ops,
+                             weight_type=QuantType.QUInt8, **common)
+            return
+        if not with_conv:
+            quantize_dynamic(prepared.model_path, out, op_types_to_quantize=non_conv,
+                             weight_type=QuantType.QInt8, **common)
+            return
+        first = out + ".s8.onnx"
+        try:
+            quantize_dynamic(prepared.model_path, first, op_types_to_quantize=non_conv,
+                             weight_type=QuantType.QInt8, **common)
+            quantize_dynamic(first, out, op_types_to_quantize=["Conv"], weight_type=QuantType.QUInt8, **common)
+        finally:
+            if os.path.exists(first):
+                os.remove(first)
+
+    def _fp16(self, prepared, out, fallback) -> None:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = onnx.load(prepared.model_path)
+        model = convert_float_to_float16(model, keep_io_types=True, node_block_list=fallback or None)
+        onnx.save(model, out)
+
+    # ---- load -------------------------------------------------------------------------------
+
+    def load(self, directory: str, manifest: Mapping[str, Any]) -> OrtCandidate:
+        path = os.path.join(directory, MODEL_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"directory: {directory!r} has no {MODEL_FILE}")
+        inputs = [TensorInfo.from_dict(t).name if isinstance(t, Mapping) else t.name for t in manifest["inputs"]]
+        outputs = [TensorInfo.from_dict(t).name if isinstance(t, Mapping) else t.name for t in manifest["outputs"]]
+        config = manifest.get("config")
+        if isinstance(config, str):
+            config = json.loads(config)
+        cfg = TrialConfig.from_dict(config) if isinstance(config, Mapping) else None
+        return OrtCandidate(
+            path, inputs, outputs, manifest.get("precision", "int8"), self.session_options(), cfg
+        )
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return {
+            "backend": self.name,
+            "onnxruntime": ort.__version__,
+            "method": self.options.method,
+            "opset": self._opset(),
+            "cpu_vnni": cpu_has_vnni(),
+        }
