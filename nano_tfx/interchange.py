@@ -216,7 +216,8 @@ def export_keras(model: Any, path: str, input_spec: Any = None) -> SavedModelSou
     probe = tf.function(call).get_concrete_function(*specs)
     flat_outputs = tf.nest.flatten(probe.structured_outputs)
     if isinstance(probe.structured_outputs, Mapping):
-        out_names = [_safe_name(k, i, "output") for i, k in enumerate(probe.structured_outputs)]
+        # tf.nest.flatten orders a dict by sorted key: name the flat tensors the same way.
+        out_names = [_safe_name(k, i, "output") for i, k in enumerate(sorted(probe.structured_outputs))]
     else:
         out_names = _output_names(model, len(flat_outputs))
 
