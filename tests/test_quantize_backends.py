@@ -1,0 +1,75 @@
+"""Every backend through the public API on the trained digits CNN: accuracy, save/load, auto."""
+import numpy as np
+import pytest
+
+import nano_tfx
+from conftest import accuracy
+
+CRITERION = {"relative": 0.01, "higher_is_better": True}
+
+
+@pytest.mark.parametrize("accelerator", ["onnxruntime", "openvino"])
+def test_backend_meets_one_percent_and_round_trips(accelerator, keras3_cnn, digits, tmp_path):
+    _, (xte, yte) = digits
+    fp32 = accuracy(keras3_cnn.predict(xte, verbose=0), yte)
+    q = nano_tfx.quantize(keras3_cnn, accelerator=accelerator, calib_dataset=(xte, yte), metric="accuracy",
+                          accuracy_criterion=CRITERION, batch=64, max_trials=5)
+    assert q.backend == accelerator and q.precision == "int8" and q.report.met
+    assert accuracy(q.predict(xte), yte) >= fp32 * 0.99
+    assert tuple(q(xte[:3]).shape) == (3, 10)
+    q.save(tmp_path / "m")
+    loaded = nano_tfx.load(tmp_path / "m")
+    assert loaded.backend == accelerator and loaded.precision == "int8"
+    np.testing.assert_allclose(loaded.predict(xte), q.predict(xte), atol=1e-5)
+
+
+@pytest.mark.parametrize("accelerator", ["onnxruntime", "openvino"])
+def test_tf_keras_model_per_backend(accelerator, tf_keras_cnn, digits):
+    _, (xte, yte) = digits
+    fp32 = accuracy(tf_keras_cnn.predict(xte, verbose=0), yte)
+    q = nano_tfx.quantize(tf_keras_cnn, accelerator=accelerator, calib_dataset=(xte, yte),
+                          metric="accuracy", accuracy_criterion=CRITERION, batch=64, max_trials=5)
+    assert accuracy(q.predict(xte), yte) >= fp32 * 0.99
+
+
+def test_onnxruntime_dynamic_and_fp16(keras3_cnn, digits):
+    _, (xte, yte) = digits
+    fp32 = accuracy(keras3_cnn.predict(xte, verbose=0), yte)
+    dyn = nano_tfx.quantize(keras3_cnn, accelerator="onnxruntime", approach="dynamic", calib_dataset=xte[:64])
+    assert accuracy(dyn.predict(xte), yte) >= fp32 - 0.05
+    half = nano_tfx.quantize(keras3_cnn, accelerator="onnxruntime", precision="fp16")
+    assert half.precision == "fp16" and accuracy(half.predict(xte), yte) >= fp32 - 0.01
+
+
+def test_auto_returns_the_fastest_meeting_result_with_a_full_table(keras3_cnn, digits):
+    _, (xte, yte) = digits
+    q = nano_tfx.quantize(keras3_cnn, accelerator="auto", calib_dataset=(xte, yte), metric="accuracy",
+                          accuracy_criterion=CRITERION, batch=64, max_trials=3)
+    report = q.report
+    assert report.backend == "auto" and report.met
+    tried = {(t.backend, t.precision) for t in report.trials}
+    assert {("inc", "int8"), ("onnxruntime", "int8"), ("openvino", "int8")} <= tried
+    chosen = report.chosen_trial
+    assert chosen.passed and (chosen.backend, chosen.precision) == (q.backend, q.precision)
+    meeting = [t for t in report.trials if t.passed and t.latency_ms is not None]
+    assert chosen.latency_ms == min(t.latency_ms for t in meeting)
+    assert all(t.latency_batch_ms is not None for t in meeting)
+    assert "| backend |" in report.table()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(accelerator="onnxruntime", precision="bf16"), "precision"),
+    (dict(accelerator="openvino", approach="dynamic"), "approach"),
+    (dict(accelerator="openvino", method="qlinear"), "method"),
+    (dict(accelerator=None, precision="fp16"), "precision"),
+])
+def test_unsupported_combinations(keras3_cnn, digits, kwargs, match):
+    _, (xte, _) = digits
+    with pytest.raises(ValueError, match=match):
+        nano_tfx.quantize(keras3_cnn, calib_dataset=xte[:16], **kwargs)
+
+
+@pytest.mark.parametrize("accelerator", ["onnxruntime", "openvino"])
+def test_wrong_shape_per_backend(keras3_cnn, accelerator):
+    with pytest.raises(ValueError, match="shape"):
+        nano_tfx.quantize(keras3_cnn, accelerator=accelerator, calib_dataset=np.zeros((4, 28, 28, 1), "float32"))
