@@ -371,10 +371,13 @@ def _preprocess(src: str, dst: str) -> str:
         ("full_auto_merge", {"auto_merge": True}),
         ("no_symbolic_shape", {"skip_symbolic_shape": True}),
     )
-    # A failed symbolic inference dumps its partial model into the *current directory*.
-    stray = [os.path.abspath(p) for p in ("sym_shape_infer_temp.onnx", "sym_shape_infer_temp.onnx.data")]
-    preexisting = {p for p in stray if os.path.exists(p)}
+    # A failed symbolic inference dumps its partial model (and uuid-named external-data files)
+    # into the *current directory*: run it from a scratch directory of our own.
+    scratch = tempfile.mkdtemp(prefix="ort_preprocess_", dir=os.path.dirname(os.path.abspath(dst)))
+    src, dst = os.path.abspath(src), os.path.abspath(dst)
+    cwd = os.getcwd()
     try:
+        os.chdir(scratch)
         for label, kwargs in attempts:
             try:
                 quant_pre_process(src, dst, **kwargs)
@@ -383,9 +386,8 @@ def _preprocess(src: str, dst: str) -> str:
             except Exception as exc:  # symbolic shape inference / optimiser can fail on odd graphs
                 logger.info("quant_pre_process (%s) failed: %s", label, exc)
     finally:
-        for p in stray:
-            if p not in preexisting and os.path.exists(p):
-                _quiet(os.remove, p)
+        os.chdir(cwd)
+        shutil.rmtree(scratch, ignore_errors=True)
     logger.warning("quant_pre_process failed (see info log); quantizing the un-preprocessed model")
     shutil.copyfile(src, dst)
     return "none"
