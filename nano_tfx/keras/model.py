@@ -67,8 +67,29 @@ class _NanoQuantizeMixin:
         return _nano_quantize(self, *args, **kwargs)  # tf_keras: the class method is the entry
 
 
+def _functional_args(args: tuple, kwargs: dict) -> bool:
+    return (len(args) == 2 or (len(args) == 1 and "outputs" in kwargs)
+            or ("inputs" in kwargs and "outputs" in kwargs))
+
+
 class Model(_NanoQuantizeMixin, _keras.Model):
     """``keras.Model`` (or ``tf_keras.Model``) with ``quantize()`` returning a ``QuantizedModel``."""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # ``Model(inputs=..., outputs=...)``: Keras would splice ``Functional`` into the bases of
+        # *this* class for good (``inject_functional_model_class``), breaking every later
+        # subclassed ``Model``. Hand out a functional subclass instead.
+        if cls is Model and _functional_args(args, kwargs):
+            return super().__new__(FunctionalModel, *args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
+
+_Functional = (importlib.import_module("tf_keras.src.engine.functional") if KERAS_FLAVOR == "tf_keras"
+               else importlib.import_module("keras.src.models.functional")).Functional
+
+
+class FunctionalModel(Model, _Functional):
+    """What ``Model(inputs, outputs)`` builds: a nano ``Model`` that is Keras' ``Functional``."""
 
 
 class Sequential(_NanoQuantizeMixin, _keras.Sequential):
