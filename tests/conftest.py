@@ -65,3 +65,20 @@ def tf_keras_cnn(digits):
 
 def accuracy(probs, y) -> float:
     return float((np.asarray(probs).argmax(-1) == np.asarray(y).reshape(-1)).mean())
+
+
+# The TFX end-to-end modules (Quantizer executor, penguin/digits pipelines, orchestrators, CLI)
+# run only with NANO_TFX_E2E=1 until their CI time is measured on a quiet machine.
+E2E_MODULES = {
+    "test_components_quantizer.py", "test_components_quantizer_executor.py", "test_pipeline_penguin.py",
+    "test_pipeline_digits.py", "test_orchestrators.py", "test_cli.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("NANO_TFX_E2E") == "1":
+        return
+    skip = pytest.mark.skip(reason="TFX end-to-end suite: run with NANO_TFX_E2E=1")
+    for item in items:
+        if os.path.basename(str(item.fspath)) in E2E_MODULES:
+            item.add_marker(skip)

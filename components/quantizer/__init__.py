@@ -1,0 +1,1 @@
+"""The Quantizer TFX component (a custom Beam component) and its Trainer contract."""

@@ -1,0 +1,109 @@
+"""Constructor-time validation of the Quantizer's parameters (fail at pipeline construction,
+not hours later in the executor). Messages name the parameter and the allowed values."""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from nano_tfx.api import ACCELERATORS, PRECISIONS  # the Keras API's own lists
+from nano_tfx.criterion import AccuracyCriterion
+
+DEFAULT_ACCURACY_CRITERION = {"relative": 0.01, "higher_is_better": True}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def validate_accuracy_criterion(criterion: Any) -> dict | None:
+    """Check the Keras API's accuracy_criterion dict (nano_tfx's own parser); plain JSON copy."""
+    if criterion is None:
+        return None
+    parsed = AccuracyCriterion.parse(criterion)
+    return parsed.to_dict()
+
+
+def _engine_check(accelerator: Any, precision: str, tuning_strategy: Any) -> None:
+    """What the engine can't do (precision per accelerator, strategy names), before any run."""
+    from nano_tfx.backends.base import backend_class
+    from nano_tfx.tuning.strategies import STRATEGIES
+
+    if tuning_strategy is not None and tuning_strategy.lower() not in STRATEGIES:
+        raise ValueError(f"tuning_strategy: expected one of {sorted(STRATEGIES)}, got {tuning_strategy!r}")
+    if accelerator == "auto":
+        return
+    cls = backend_class(accelerator)
+    supported = dict(cls.precisions)
+    if precision not in supported:
+        raise ValueError(
+            f"precision: accelerator={accelerator!r} supports {sorted(supported)}, got {precision!r}"
+        )
+
+
+def validate_parameters(
+    *,
+    accelerator: Any,
+    precision: Any,
+    accuracy_criterion: Any,
+    metric: Any,
+    label_key: Any,
+    tuning_strategy: Any,
+    max_trials: Any,
+    timeout: Any,
+    calibration_split: Any,
+    evaluation_split: Any,
+    sample_size: Any,
+    batch_size: Any,
+    signature_name: Any,
+) -> dict:
+    """Validate every parameter; return the exec-property dict (None for unset optionals)."""
+    if accelerator not in ACCELERATORS:
+        raise ValueError(
+            f"accelerator: expected one of {list(ACCELERATORS)} (None = Intel Neural Compressor), "
+            f"got {accelerator!r}"
+        )
+    if not isinstance(precision, str) or (precision not in PRECISIONS and precision != "auto"):
+        raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "auto" and accelerator != "auto":
+        raise ValueError("precision: 'auto' needs accelerator='auto'")
+    criterion = validate_accuracy_criterion(accuracy_criterion)
+    for name, value in (("metric", metric), ("label_key", label_key), ("tuning_strategy", tuning_strategy)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"{name}: expected a non-empty string or None, got {value!r}")
+    if max_trials is not None and (not _is_int(max_trials) or max_trials < 1):
+        raise ValueError(f"max_trials: expected a positive integer or None, got {max_trials!r}")
+    if timeout is None:
+        timeout = 0
+    if not _is_number(timeout) or timeout < 0:
+        raise ValueError(f"timeout: expected seconds >= 0 (0 = no limit), got {timeout!r}")
+    for name, value in (
+        ("calibration_split", calibration_split),
+        ("evaluation_split", evaluation_split),
+        ("signature_name", signature_name),
+    ):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
+    if not _is_int(sample_size) or sample_size < 1:
+        raise ValueError(f"sample_size: expected a positive integer (calibration samples), got {sample_size!r}")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
+    _engine_check(accelerator, precision, tuning_strategy)
+    return {
+        "accelerator": accelerator,
+        "precision": precision,
+        "accuracy_criterion": criterion,
+        "metric": metric,
+        "label_key": label_key,
+        "tuning_strategy": tuning_strategy,
+        "max_trials": int(max_trials) if max_trials is not None else None,
+        "timeout": float(timeout),
+        "calibration_split": calibration_split,
+        "evaluation_split": evaluation_split,
+        "sample_size": int(sample_size),
+        "batch_size": int(batch_size) if batch_size is not None else None,
+        "signature_name": signature_name,
+    }

@@ -1,0 +1,1 @@
+"""Penguin pipeline: ExampleGen → ... → Trainer → Evaluator → Quantizer → Pusher."""

@@ -1,0 +1,239 @@
+"""Quantizer executor tests on real artifacts (penguin FP32 pipeline run once, in a temp dir).
+
+Covers: blessing + TF-Serving-compatible INT8 output, resume from ``previous_report``, an
+unreachable Evaluator bar (NOT_BLESSED), an FP32 model the Evaluator did not bless, a model
+without the quantizable signature, OpenVINO / ONNX serving layouts, and the trials running as
+Beam work on a real distributed engine (DaskRunner on a 2-worker ``distributed.LocalCluster``).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import nano_tfx  # noqa: F401  (first: oneDNN on before TensorFlow is imported)
+import numpy as np
+import pytest
+import tensorflow as tf
+from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor
+from tfx.types import standard_artifacts
+
+from components import QuantizationReport
+from components.quantizer.executor import Executor
+
+PENGUIN_EVAL = os.path.join(
+    os.path.dirname(__import__("tfx").__file__), "components", "testdata", "penguin", "data", "Split-eval"
+)
+BASE_PROPS = {
+    "precision": "int8", "calibration_split": "train", "evaluation_split": "eval",
+    "sample_size": 100, "signature_name": "from_transformed_features",
+}
+
+
+def _latest(store, type_name, cls, uri_part=""):
+    arts = [a for a in store.get_artifacts_by_type(type_name) if uri_part in a.uri]
+    art = cls()
+    art.set_mlmd_artifact(max(arts, key=lambda a: a.id))
+    return art
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    """ExampleGen → ... → Trainer → Evaluator of the penguin pipeline (in-memory Beam)."""
+    import ml_metadata as mlmd
+    from tfx.orchestration import metadata
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+
+    from pipelines.penguin.pipeline import create_pipeline
+
+    root = tmp_path_factory.mktemp("fp32")
+    md = str(root / "metadata.sqlite")
+    LocalDagRunner().run(create_pipeline(
+        "penguin_fp32", str(root / "pipeline_root"), str(root / "serving"), md, train_steps=100,
+        with_quantizer=False))
+    store = mlmd.MetadataStore(metadata.sqlite_metadata_connection_config(md))
+    return {
+        "model": _latest(store, "Model", standard_artifacts.Model),
+        "examples": _latest(store, "Examples", standard_artifacts.Examples, "/transformed_examples/"),
+        "transform_graph": _latest(store, "TransformGraph", standard_artifacts.TransformGraph),
+        "evaluation": _latest(store, "ModelEvaluation", standard_artifacts.ModelEvaluation),
+        "model_blessing": _latest(store, "ModelBlessing", standard_artifacts.ModelBlessing),
+    }
+
+
+def _artifact(cls, uri):
+    a = cls()
+    a.uri = uri
+    return a
+
+
+def run_executor(fp32, out, beam_args=(), inputs=None, **props):
+    inputs = {k: [v] for k, v in (inputs or fp32).items() if v is not None}
+    outputs = {
+        "quantized_model": [_artifact(standard_artifacts.Model, os.path.join(out, "quantized_model"))],
+        "blessing": [_artifact(standard_artifacts.ModelBlessing, os.path.join(out, "blessing"))],
+        "report": [_artifact(QuantizationReport, os.path.join(out, "report"))],
+    }
+    ctx = BaseBeamExecutor.Context(beam_pipeline_args=list(beam_args), tmp_dir=os.path.join(out, "tmp"),
+                                   unique_id="1")
+    Executor(ctx).Do(inputs, outputs, dict(BASE_PROPS, **props))
+    with open(os.path.join(out, "report", "report.json")) as f:
+        report = json.load(f)
+    return {k: v[0] for k, v in outputs.items()}, report
+
+
+def _raw_eval_examples():
+    files = glob.glob(os.path.join(PENGUIN_EVAL, "*"))
+    return tf.constant([r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")])
+
+
+def _fp32_path(fp32):
+    return os.path.join(fp32["model"].uri, "Format-Serving")
+
+
+@pytest.fixture(scope="module")
+def inc_run(fp32, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("inc"))
+    return out, run_executor(fp32, out)
+
+
+def test_inc_int8_blessed_and_serves_raw_examples(fp32, inc_run):
+    out, (outputs, report) = inc_run
+    blessing, qmodel = outputs["blessing"], outputs["quantized_model"]
+    assert blessing.get_int_custom_property("blessed") == 1, report["tfx"]["blessing_message"]
+    assert os.path.exists(os.path.join(blessing.uri, "BLESSED"))
+    # Never a candidate for the Evaluator's LatestBlessedModelStrategy baseline:
+    assert not blessing.has_custom_property("current_model_id")
+    assert report["tfx"]["baseline_source"] == "evaluator" and report["met"] is True
+    assert report["trials"] and all(t["metric"] is not None for t in report["trials"])
+    assert qmodel.get_string_custom_property("nano_tfx_backend") == "inc"
+
+    # TF-Serving-compatible: same request (serialized raw tf.Examples) as the FP32 model.
+    serving = os.path.join(qmodel.uri, "Format-Serving")
+    quantized = tf.saved_model.load(serving)
+    assert set(quantized.signatures) == {"serving_default", "from_transformed_features"}
+    x = _raw_eval_examples()
+    got = quantized.signatures["serving_default"](examples=x)["outputs"].numpy()
+    want = tf.saved_model.load(_fp32_path(fp32)).signatures["serving_default"](examples=x)["outputs"].numpy()
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.97
+    assert not np.allclose(got, want)  # really quantized
+    assert nano_tfx.load(serving).backend == "inc"  # nano_tfx.load reads the same directory
+    html = open(os.path.join(out, "report", "report.html")).read()
+    assert "<table>" in html and "data:image/png;base64," in html and "TFX decision" in html
+
+
+def test_previous_report_resumes_without_rerunning(fp32, inc_run, tmp_path):
+    first_out, (_, first) = inc_run
+    inputs = dict(fp32, previous_report=_artifact(QuantizationReport, os.path.join(first_out, "report")))
+    outputs, report = run_executor(fp32, str(tmp_path), inputs=inputs)
+    assert report["tfx"]["resumed_from"].endswith("report")
+    assert [t["status"] for t in report["trials"]] == ["reused"] * len(first["trials"])
+    assert not os.path.isdir(os.path.join(str(tmp_path), "report", "trials"))  # no trial ran
+    assert outputs["blessing"].get_int_custom_property("blessed") == 1
+    x = _raw_eval_examples()
+    a = tf.saved_model.load(os.path.join(first_out, "quantized_model", "Format-Serving"))
+    b = tf.saved_model.load(os.path.join(outputs["quantized_model"].uri, "Format-Serving"))
+    np.testing.assert_allclose(a.signatures["serving_default"](examples=x)["outputs"].numpy(),
+                               b.signatures["serving_default"](examples=x)["outputs"].numpy(), rtol=1e-6)
+
+
+def test_unreachable_evaluator_bar_is_not_blessed(fp32, tmp_path):
+    """The Evaluator's recorded FP32 value and bound are out of reach: trials run, none passes."""
+    from tensorflow_model_analysis.proto import metrics_for_slice_pb2
+    from tensorflow_model_analysis.writers import eval_config_writer, metrics_plots_and_validations_writer as w
+
+    src = fp32["evaluation"].uri
+    dst = str(tmp_path / "evaluation")
+    shutil.copytree(src, dst)
+    config, data_location, file_format, model_locations = eval_config_writer.load_eval_run(dst)
+    config.metrics_specs[0].metrics[0].threshold.value_threshold.lower_bound.value = 0.9999
+    with open(os.path.join(dst, "eval_config.json"), "w") as f:
+        f.write(eval_config_writer._serialize_eval_run(config, data_location, file_format, model_locations))
+    protos = list(w.load_and_deserialize_metrics(dst))
+    for p in glob.glob(os.path.join(dst, "metrics*")):
+        os.remove(p)
+    with tf.io.TFRecordWriter(os.path.join(dst, "metrics-00000-of-00001.tfrecord")) as writer:
+        for proto in protos:
+            out = metrics_for_slice_pb2.MetricsForSlice()
+            out.CopyFrom(proto)
+            for kv in out.metric_keys_and_values:
+                if kv.key.name == "sparse_categorical_accuracy":
+                    kv.value.double_value.value = 1.0
+            writer.write(out.SerializeToString())
+    inputs = dict(fp32, evaluation=_artifact(standard_artifacts.ModelEvaluation, dst))
+    outputs, report = run_executor(fp32, str(tmp_path / "out"), inputs=inputs, max_trials=2)
+    blessing = outputs["blessing"]
+    assert blessing.get_int_custom_property("blessed") == 0
+    assert os.path.exists(os.path.join(blessing.uri, "NOT_BLESSED"))
+    assert report["tfx"]["baseline"] == 1.0
+    assert report["tfx"]["effective_criterion"] == {"absolute": pytest.approx(1e-4), "higher_is_better": True}
+    assert len(report["trials"]) == 2 and report["met"] is False
+    assert "no trial met" in report["tfx"]["blessing_message"]
+
+
+def test_fp32_not_blessed_means_nothing_blessed(fp32, tmp_path):
+    rejected = _artifact(standard_artifacts.ModelBlessing, str(tmp_path / "fp32_blessing"))
+    rejected.set_int_custom_property("blessed", 0)
+    outputs, report = run_executor(fp32, str(tmp_path / "out"), inputs=dict(fp32, model_blessing=rejected))
+    assert outputs["blessing"].get_int_custom_property("blessed") == 0
+    assert os.path.exists(os.path.join(outputs["blessing"].uri, "NOT_BLESSED"))
+    assert report["trials"] == [] and "did not bless the FP32 model" in report["tfx"]["blessing_message"]
+    assert not os.path.exists(os.path.join(outputs["quantized_model"].uri, "Format-Serving"))
+
+
+def test_model_without_quantizable_signature_is_rejected(fp32, tmp_path):
+    loaded = tf.saved_model.load(_fp32_path(fp32))
+    plain = str(tmp_path / "plain_model")
+    tf.saved_model.save(loaded, os.path.join(plain, "Format-Serving"),
+                        signatures={"serving_default": loaded.signatures["serving_default"]})
+    model = _artifact(standard_artifacts.Model, plain)
+    with pytest.raises(ValueError, match=r"(?s)no signature .from_transformed_features.*quantizable_signatures"):
+        run_executor(fp32, str(tmp_path / "out"), inputs=dict(fp32, model=model))
+
+
+@pytest.mark.parametrize("accelerator, files", [
+    ("openvino", ["model.xml", "model.bin"]),
+    ("onnxruntime", ["model.onnx"]),
+])
+def test_openvino_and_onnx_serving_layouts(fp32, tmp_path, accelerator, files):
+    outputs, report = run_executor(fp32, str(tmp_path), accelerator=accelerator, max_trials=3)
+    serving = os.path.join(outputs["quantized_model"].uri, "Format-Serving")
+    for name in files + ["SERVING.md", "nano_tfx.json", "transform_graph/transform_fn/saved_model.pb",
+                         "transform_graph/transformed_metadata/schema.pbtxt"]:
+        assert os.path.exists(os.path.join(serving, name)), name
+    assert outputs["blessing"].get_int_custom_property("blessed") == 1, report["tfx"]["blessing_message"]
+    if accelerator == "onnxruntime":
+        assert os.path.exists(os.path.join(outputs["quantized_model"].uri, "config.pbtxt"))
+    # The documented client path: raw features -> transform_graph -> quantized model.
+    import tensorflow_transform as tft
+
+    layer = tft.TFTransformOutput(os.path.join(serving, "transform_graph")).transform_features_layer()
+    raw_spec = tft.TFTransformOutput(os.path.join(serving, "transform_graph")).raw_feature_spec()
+    raw_spec.pop("species")
+    x = _raw_eval_examples()
+    transformed = layer(tf.io.parse_example(x, raw_spec))
+    model = nano_tfx.load(serving)
+    got = model.predict({t.name: transformed[t.name].numpy() for t in model.inputs})
+    want = tf.saved_model.load(_fp32_path(fp32)).signatures["serving_default"](examples=x)["outputs"].numpy()
+    assert np.mean(np.asarray(got).argmax(-1) == want.argmax(-1)) >= 0.97
+
+
+def test_trials_spread_over_a_dask_cluster(fp32, tmp_path):
+    """DaskRunner against a real 2-process distributed.LocalCluster runs the trials."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        beam_args = [
+            "--runner=apache_beam.runners.dask.dask_runner.DaskRunner",
+            f"--dask_client_address={cluster.scheduler_address}",
+        ]
+        # Two workers -> the tuner proposes two configs per batch, one Beam pipeline each batch.
+        outputs, report = run_executor(fp32, str(tmp_path), beam_args=beam_args, max_trials=4)
+        worker_pids = {w.pid for w in cluster.workers.values() if hasattr(w, "pid")}
+    ran = [t for t in report["trials"] if t["status"] == "ok"]
+    assert report["tfx"]["beam_runner"].endswith("DaskRunner")
+    assert report["tfx"]["trial_parallelism"] == 2
+    workers = {t["worker"] for t in ran}
+    assert len(ran) >= 2 and len(workers) == 2, report["trials"]
+    assert {int(w.rsplit(":", 1)[1]) for w in workers} <= worker_pids
