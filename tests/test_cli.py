@@ -122,12 +122,22 @@ def test_quantize_npz_with_accuracy_control_then_report(files, digits):
     assert json.loads(as_json.stdout)["backend"] == "inc"
 
 
-def test_quantize_tfrecord_on_onnxruntime(files):
+def in_process(capfd, *args: str):
+    """``nano-tfx ARGS`` in this process (TensorFlow is already loaded here): (code, out, err)."""
+    from nano_tfx.cli import main
+
+    capfd.readouterr()
+    code = main(list(args))
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_quantize_tfrecord_on_onnxruntime(files, capfd):
     out = os.path.join(files["dir"], "q_tfrecord")
-    proc = run("quantize", files["model"], "--calib", files["tfrecord"], "--accelerator", "onnxruntime",
-               "--output", out)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert "[onnxruntime/int8" in proc.stdout
+    code, stdout, stderr = in_process(capfd, "quantize", files["model"], "--calib", files["tfrecord"],
+                                      "--accelerator", "onnxruntime", "--output", out)
+    assert code == 0, stderr + stdout
+    assert "[onnxruntime/int8" in stdout and "Quantized model: " + out in stdout
     with open(os.path.join(out, "nano_tfx.json")) as f:
         assert json.load(f)["backend"] == "onnxruntime"
 
@@ -157,9 +167,11 @@ def test_bad_paths_fail_fast_with_one_line(paths):
     ("bad_shape_npz", "--calib: array for input 'image' has shape (10, 5); the model expects (None, 8, 8, 1)"),
     ("wrong_feature_tfrecord", "tf.Examples have features ['label', 'pixels'], the model's inputs are ['image']"),
 ])
-def test_bad_data_exits_non_zero_with_one_line(files, key, fragment):
+def test_bad_data_exits_non_zero_with_one_line(files, capfd, key, fragment):
+    """Found once the model's inputs are known (in process: the exit code is ``main``'s return)."""
     out = os.path.join(files["dir"], f"q_{key}")
-    proc = run("quantize", files["model"], "--calib", files[key], "--output", out)
-    assert proc.returncode == 2
+    code, _, stderr = in_process(capfd, "quantize", files["model"], "--calib", files[key], "--output", out)
+    proc = subprocess.CompletedProcess([], code, "", stderr)
+    assert code == 2
     assert_one_line_error(proc, "quantize", fragment)
     assert not os.path.exists(out)
