@@ -54,10 +54,14 @@ def _reused(previous: Report | None, job: TrialJob, config: TrialConfig) -> Tria
     rec = previous.find(config.key(), job.backend, job.precision)
     if rec is None or rec.metric is None and job.evaluator is not None:
         return None
-    if rec.passed and not (rec.artifact_dir and os.path.isdir(rec.artifact_dir)):
+    # Judge the stored metric against *today's* bar: the criterion or baseline may have changed.
+    passed = rec.passed
+    if rec.metric is not None and job.criterion is not None and job.baseline is not None:
+        passed = job.criterion.met(job.baseline, rec.metric)
+    if passed and not (rec.artifact_dir and os.path.isdir(rec.artifact_dir)):
         return None  # a winner must be re-run when its model is gone
     return TrialResult(
-        config, metric=rec.metric, passed=rec.passed, latency_ms=rec.latency_ms,
+        config, metric=rec.metric, passed=passed, latency_ms=rec.latency_ms,
         latency_batch_ms=rec.latency_batch_ms, size_bytes=rec.size_bytes, seconds=0.0,
         status="reused", output_mse=rec.output_mse, worker=rec.worker, artifact_dir=rec.artifact_dir,
     )
