@@ -5,6 +5,7 @@
     q.save("q"); q = nano_tfx.load("q")
 """
 from nano_tfx import _env  # noqa: F401  (must run before TensorFlow is imported)
+from nano_tfx._env import skip_autograph_for_tf_keras
 from nano_tfx.api import quantize
 from nano_tfx.criterion import AccuracyCriterion
 from nano_tfx.data import BatchSource
@@ -14,6 +15,6 @@ from nano_tfx.result import QuantizedModel, load
 
 __all__ = [
     "quantize", "load", "QuantizedModel", "AccuracyCriterionNotMet", "AccuracyCriterion",
-    "Report", "TrialRecord", "BatchSource",
+    "Report", "TrialRecord", "BatchSource", "skip_autograph_for_tf_keras",
 ]
 __version__ = "0.1.0"

@@ -21,3 +21,21 @@ def onednn_enabled() -> bool:
     from tensorflow.python.util import _pywrap_util_port
 
     return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def skip_autograph_for_tf_keras() -> None:
+    """Keep AutoGraph out of tf_keras' own code, as TensorFlow does for ``keras``.
+
+    TF 2.16's AutoGraph rules say ``DoNotConvert('keras')`` but know nothing of the renamed
+    ``tf_keras`` package, so the first ``fit``/``predict`` of a tf_keras model transpiles hundreds
+    of tf_keras internals (train_step, metrics, optimizers): ~20 s on a quiet 2-core machine, over
+    a minute on a busy one, instead of ~2 s. Idempotent; user functions are still converted.
+    Called by ``nano_tfx.keras`` and the pipelines' Trainer modules (TFX imports TensorFlow itself).
+    """
+    try:
+        from tensorflow.python.autograph.core import config
+    except ImportError:  # pragma: no cover - private module moved
+        return
+    rules = tuple(config.CONVERSION_RULES)
+    if not any(isinstance(r, config.DoNotConvert) and getattr(r, "_prefix", None) == "tf_keras" for r in rules):
+        config.CONVERSION_RULES = (config.DoNotConvert("tf_keras"),) + rules

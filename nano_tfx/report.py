@@ -49,6 +49,8 @@ class Report:
     seconds: float = 0.0
     fp32_latency_ms: float | None = None
     stop_reason: str | None = None
+    # accelerator='auto': {trial index: batch-1 ms} of the finalists, re-timed side by side
+    selection_latency_ms: dict | None = None
 
     # -- access ----------------------------------------------------------------------------
     @property
@@ -72,6 +74,8 @@ class Report:
     def from_dict(data: Mapping[str, Any]) -> "Report":
         data = dict(data)
         trials = [TrialRecord.from_dict(t) for t in data.pop("trials", [])]
+        if data.get("selection_latency_ms"):  # JSON turned the trial indices into strings
+            data["selection_latency_ms"] = {int(k): v for k, v in data["selection_latency_ms"].items()}
         known = {f for f in Report.__dataclass_fields__}
         return Report(trials=trials, **{k: v for k, v in data.items() if k in known})
 

@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def cli() -> list:
     exe = shutil.which("nano-tfx", path=os.path.dirname(sys.executable))
-    return [exe] if exe else [sys.executable, "-m", "nano_tfx.cli"]
+    return [exe] if exe else [sys.executable, "-m", "pipelines.cli"]
 
 
 def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -124,7 +124,7 @@ def test_quantize_npz_with_accuracy_control_then_report(files, digits):
 
 def in_process(capfd, *args: str):
     """``nano-tfx ARGS`` in this process (TensorFlow is already loaded here): (code, out, err)."""
-    from nano_tfx.cli import main
+    from pipelines.cli import main
 
     capfd.readouterr()
     code = main(list(args))

@@ -197,7 +197,10 @@ def test_model_without_quantizable_signature_is_rejected(fp32, tmp_path):
     ("onnxruntime", ["model.onnx"]),
 ])
 def test_openvino_and_onnx_serving_layouts(fp32, tmp_path, accelerator, files):
-    outputs, report = run_executor(fp32, str(tmp_path), accelerator=accelerator, max_trials=3)
+    # 100 eval examples: under the default 1 % one flipped prediction already fails; this test is
+    # about the serving layout, so allow 3 flips.
+    outputs, report = run_executor(fp32, str(tmp_path), accelerator=accelerator, max_trials=3,
+                                   accuracy_criterion=json.dumps({"absolute": 0.03, "higher_is_better": True}))
     serving = os.path.join(outputs["quantized_model"].uri, "Format-Serving")
     for name in files + ["SERVING.md", "nano_tfx.json", "transform_graph/transform_fn/saved_model.pb",
                          "transform_graph/transformed_metadata/schema.pbtxt"]:

@@ -1,4 +1,4 @@
-"""The digits pipeline on other orchestrators, compiled (no cluster needed).
+"""The digits and penguin pipelines on other orchestrators, compiled (no cluster needed).
 
 * Kubeflow Pipelines v2: the runner writes the pipeline JSON; every component is a task and
   the Quantizer's executor is ``components.quantizer.executor.Executor`` in the given image.
@@ -18,7 +18,11 @@ import textwrap
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPONENTS = ["CsvExampleGen", "StatisticsGen", "SchemaGen", "Transform", "Trainer", "Evaluator", "Quantizer", "Pusher"]
+PIPELINES = {  # package: (ExampleGen, KFP name, Airflow DAG id, image data root)
+    "digits": ("CsvExampleGen", "digits-int8", "digits_int8", "/app/pipelines/digits/data"),
+    "penguin": ("ImportExampleGen", "penguin-int8", "penguin_int8", "/app/data/penguin"),
+}
+COMPONENTS = ["StatisticsGen", "SchemaGen", "Transform", "Trainer", "Evaluator", "Quantizer", "Pusher"]
 RESOLVERS = ["latest_blessed_model_resolver", "latest_quantization_report_resolver"]
 IMAGE = "local/nano-tfx:test"
 QUANTIZER_EXECUTOR = "components.quantizer.executor.Executor"
@@ -26,39 +30,42 @@ QUANTIZER_EXECUTOR = "components.quantizer.executor.Executor"
 KFP_TYPE_NAME = re.compile(r"^[a-z][a-z0-9-_]{2,20}[.][A-Z][a-zA-Z0-9-_]{2,49}$")
 
 
-def _report_type_name() -> str:
+def test_report_type_name_is_a_valid_kfp_schema_title():
     from components import QuantizationReport
 
-    return QuantizationReport.TYPE_NAME
+    assert KFP_TYPE_NAME.fullmatch(QuantizationReport.TYPE_NAME), QuantizationReport.TYPE_NAME
 
 
-@pytest.fixture(scope="module")
-def kfp_json(tmp_path_factory):
-    if not KFP_TYPE_NAME.fullmatch(_report_type_name()):
-        pytest.xfail(
-            f"QuantizationReport.TYPE_NAME {_report_type_name()!r} is not a valid KFP v2 schema title "
-            "('namespace.TypeName', e.g. 'nano_tfx.QuantizationReport'): KubeflowV2DagRunner refuses it"
-        )
-    from pipelines.digits.kubeflow_v2_runner import compile_pipeline
+@pytest.fixture(scope="module", params=sorted(PIPELINES))
+def kfp_json(request, tmp_path_factory):
+    import importlib
 
-    path = str(tmp_path_factory.mktemp("kfp") / "digits.json")
-    job = compile_pipeline(path, image=IMAGE, pipeline_root="gs://bucket/tfx/digits", train_steps=7, max_trials=2)
+    package = request.param
+    runner = importlib.import_module(f"pipelines.{package}.kubeflow_v2_runner")
+    path = str(tmp_path_factory.mktemp("kfp") / f"{package}.json")
+    job = runner.compile_pipeline(path, image=IMAGE, pipeline_root=f"gs://bucket/tfx/{package}",
+                                  train_steps=7, max_trials=2)
     with open(path) as f:
         assert json.load(f) == job  # written to disk as returned
-    return job
+    return package, job
 
 
 def test_kfp_json_has_every_component_as_a_task(kfp_json):
-    spec = kfp_json["pipelineSpec"]
+    package, job = kfp_json
+    example_gen, kfp_name, _, _ = PIPELINES[package]
+    spec = job["pipelineSpec"]
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(COMPONENTS) <= set(tasks)
+    assert set([example_gen] + COMPONENTS) <= set(tasks)
     assert set(tasks["Pusher"]["dependentTasks"]) == {"Quantizer"}
     assert {"Evaluator", "Trainer", "Transform"} <= set(tasks["Quantizer"]["dependentTasks"])
-    assert spec["pipelineInfo"]["name"] == "digits-int8"
+    assert spec["pipelineInfo"]["name"] == kfp_name
+    # the previous report is resolved with a strategy KFP compiles (LatestArtifactStrategy)
+    assert "latest_quantization_report_resolver" in json.dumps(spec)
 
 
 def test_kfp_quantizer_runs_its_executor_in_the_image(kfp_json):
-    executors = kfp_json["pipelineSpec"]["deploymentSpec"]["executors"]
+    package, job = kfp_json
+    executors = job["pipelineSpec"]["deploymentSpec"]["executors"]
     container = executors["Quantizer_executor"]["container"]
     assert container["image"] == IMAGE
     assert container["command"][-1] == "tfx.orchestration.kubeflow.v2.container.kubeflow_v2_run_executor"
@@ -68,15 +75,15 @@ def test_kfp_quantizer_runs_its_executor_in_the_image(kfp_json):
     for name in ("Trainer", "Transform", "Evaluator", "Pusher"):  # same image everywhere
         assert executors[f"{name}_executor"]["container"]["image"] == IMAGE
     # the Quantizer's knobs travel as pipeline parameters
-    params = kfp_json["pipelineSpec"]["components"]["Quantizer"]["inputDefinitions"]["parameters"]
+    params = job["pipelineSpec"]["components"]["Quantizer"]["inputDefinitions"]["parameters"]
     assert {"precision", "sample_size", "signature_name", "max_trials"} <= set(params)
-    text = json.dumps(kfp_json)
-    assert "pipelines.digits.digits_utils.run_fn" in text and "/app/pipelines/digits/data" in text
+    text = json.dumps(job)
+    assert f"pipelines.{package}.{package}_utils.run_fn" in text and PIPELINES[package][3] in text
 
 
 AIRFLOW_SCRIPT = textwrap.dedent("""
     import json
-    from pipelines.digits.airflow_dag import DAG, create_dag
+    from pipelines.PACKAGE.airflow_dag import DAG, create_dag
     from airflow.models import DAG as AirflowDAG
     custom = create_dag(root=ROOT, train_steps=7, max_trials=2)
     print("RESULT " + json.dumps({
@@ -89,20 +96,22 @@ AIRFLOW_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_airflow_dag_has_every_component_as_a_task(tmp_path):
+@pytest.mark.parametrize("package", sorted(PIPELINES))
+def test_airflow_dag_has_every_component_as_a_task(package, tmp_path):
+    example_gen, _, dag_id, _ = PIPELINES[package]
     env = dict(os.environ, AIRFLOW_HOME=str(tmp_path / "airflow"), AIRFLOW__CORE__LOAD_EXAMPLES="False",
                NANO_TFX_AIRFLOW_ROOT=str(tmp_path / "default_root"))
-    script = "ROOT = %r\n" % str(tmp_path / "root") + AIRFLOW_SCRIPT
+    script = "ROOT = %r\n" % str(tmp_path / "root") + AIRFLOW_SCRIPT.replace("PACKAGE", package)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                           cwd=REPO, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     dag = json.loads(lines[-1][len("RESULT "):])
-    assert dag["is_dag"] and dag["dag_id"] == "digits_int8" and dag["schedule"] == "None"
-    assert set(dag["tasks"]) == set(COMPONENTS + RESOLVERS)
+    assert dag["is_dag"] and dag["dag_id"] == dag_id and dag["schedule"] == "None"
+    assert set(dag["tasks"]) == set([example_gen] + COMPONENTS + RESOLVERS)
     assert dag["operators"] == ["AirflowComponent"]
     up = dag["tasks"]
     assert up["Pusher"] == ["Quantizer"]
     assert {"Evaluator", "Trainer", "Transform", "latest_quantization_report_resolver"} <= set(up["Quantizer"])
     assert {"Trainer", "latest_blessed_model_resolver"} <= set(up["Evaluator"])
-    assert up["StatisticsGen"] == ["CsvExampleGen"]
+    assert up["StatisticsGen"] == [example_gen]

@@ -32,7 +32,7 @@ BEAM_MODE = os.environ.get("NANO_TFX_TEST_BEAM_MODE", "in_memory")
 
 def cli() -> list:
     exe = shutil.which("nano-tfx", path=os.path.dirname(sys.executable))
-    return [exe] if exe else [sys.executable, "-m", "nano_tfx.cli"]
+    return [exe] if exe else [sys.executable, "-m", "pipelines.cli"]
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def _run(root: str, **knobs) -> dict:
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 
     from pipelines.penguin.pipeline import create_pipeline
-    from pipelines.penguin.timings import component_timings
+    from pipelines import component_timings
 
     md = os.path.join(root, "metadata.sqlite")
     pipeline = create_pipeline(

@@ -14,4 +14,5 @@ class QuantizationReport(artifact.Artifact):
     fingerprint and configuration are reused instead of re-run.
     """
 
-    TYPE_NAME = "NanoTfxQuantizationReport"
+    # KFP v2 needs "namespace.TypeName" for custom artifact types (its schema title).
+    TYPE_NAME = "nano_tfx.QuantizationReport"

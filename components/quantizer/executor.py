@@ -40,8 +40,9 @@ from components.quantizer.data import (
 from components.quantizer.eval_result import (
     EvaluatorInfo, guess_higher_is_better, keras_metric_from_config, read_evaluation,
 )
-from components.quantizer.signatures import export_signature_as_default, missing_signature_message
+from components.quantizer.signatures import missing_signature_message
 from components.quantizer.validation import DEFAULT_ACCURACY_CRITERION, validate_accuracy_criterion
+from nano_tfx.interchange import export_signature_as_default
 
 BLESSED_FILE = "BLESSED"
 NOT_BLESSED_FILE = "NOT_BLESSED"

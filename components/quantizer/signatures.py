@@ -142,30 +142,3 @@ def quantizable_signatures(
         SERVING_SIGNATURE: serve_tf_examples_fn.get_concrete_function(),
         FROM_TRANSFORMED_FEATURES: from_transformed_features_fn.get_concrete_function(),
     }
-
-
-def export_signature_as_default(model_path: str, signature_name: str, out_dir: str) -> str:
-    """A SavedModel whose only signature, ``serving_default``, is ``signature_name`` of
-    ``model_path`` (the transformed-features model alone, no tf.Transform graph).
-
-    Every backend then sees exactly the part to quantize, whatever SavedModel route it takes
-    (INC's ``fit(saved_model_dir)`` e.g. always uses ``serving_default``).
-    """
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(model_path)
-    fn = loaded.signatures[signature_name]
-    kwargs = fn.structured_input_signature[1]
-    names = sorted(kwargs)
-    specs = [tf.TensorSpec(kwargs[n].shape, kwargs[n].dtype, name=n) for n in names]
-
-    module = tf.Module()
-    module.fp32 = loaded
-
-    @tf.function(input_signature=specs)
-    def serve(*tensors):
-        return fn(**dict(zip(names, tensors)))
-
-    module.serve = serve
-    tf.saved_model.save(module, out_dir, signatures={SERVING_SIGNATURE: serve.get_concrete_function()})
-    return out_dir

@@ -18,7 +18,7 @@ import numpy as np
 from nano_tfx.backends.base import (
     AccuracyContext, Backend, CalibrationData, Candidate, SearchSpace, TrialConfig, register,
 )
-from nano_tfx.interchange import SavedModelSource, TensorInfo
+from nano_tfx.interchange import SavedModelSource, TensorInfo, export_signature_as_default
 
 _COMPUTE_OPS = ("Conv2D", "DepthwiseConv2dNative", "MatMul", "Conv3D", "BatchMatMulV2")
 
@@ -29,6 +29,7 @@ class _Prepared:
     workdir: str
     compute_nodes: list[str]
     input_nodes: list[str]  # frozen-graph placeholder names, in source.inputs order
+    model_path: str  # what INC's fit() loads: a SavedModel whose serving_default is the signature
 
 
 class _Loader:
@@ -164,7 +165,11 @@ class IncBackend(Backend):
         nodes = [n.name for n in graph_def.node if n.op in _COMPUTE_OPS]
         # First and last compute layers are the usual accuracy suspects: offer them first.
         ordered = nodes[:1] + nodes[-1:] + nodes[1:-1] if len(nodes) > 2 else nodes
-        return _Prepared(source, workdir, list(dict.fromkeys(ordered)), input_nodes)
+        model_path = source.path
+        if source.signature_key != "serving_default":  # INC's fit(path) always takes serving_default
+            model_path = export_signature_as_default(source.path, source.signature_key,
+                                                     os.path.join(workdir, "inc_input_model"))
+        return _Prepared(source, workdir, list(dict.fromkeys(ordered)), input_nodes, model_path)
 
     def search_space(self, prepared: _Prepared, precision: str, approach: str) -> SearchSpace:
         return SearchSpace(
@@ -204,7 +209,7 @@ class IncBackend(Backend):
         _capture_calibration_on_fd2()
         # The SavedModel path, not our frozen GraphDef: INC's GraphDef route mis-fuses biases on
         # some graphs ("Cannot convert ... to a TensorFlow DType" in rerange_quantized_concat).
-        q = fit(model=source.path, conf=conf, calib_dataloader=loader)
+        q = fit(model=prepared.model_path, conf=conf, calib_dataloader=loader)
         if q is None:
             raise RuntimeError("INC returned no model for this config")
         return IncCandidate(

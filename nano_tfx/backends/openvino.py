@@ -368,16 +368,22 @@ class OpenVINOBackend(Backend):
             except Exception as exc:
                 _LOG.info("openvino: SavedModel-directory conversion failed (%s); converting the "
                           "loaded signature instead", str(exc).strip().splitlines()[-1][:200])
+        loaded = None
         if model is None:
+            # The converted model's weight constants share memory with the loaded TF variables:
+            # ``loaded`` must outlive the IR write, and the model kept is the one read back from
+            # the IR (freed TF memory otherwise shows up as garbage weights, a flaky accuracy).
             loaded, fn = source.load_signature()
             model = ov.convert_model(fn)
-            del loaded, fn
         model = _rebuild_io(model, source)
         _stable_names(model)
         out_dir = os.path.join(workdir, "openvino_fp32")
         os.makedirs(out_dir, exist_ok=True)
         ir_path = os.path.join(out_dir, MODEL_XML)
         ov.save_model(model, ir_path, compress_to_fp16=False)
+        if loaded is not None:
+            model = ov.Core().read_model(ir_path)
+            del loaded
 
         quantizable = tuple(op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in _WEIGHTED_TYPES)
         # Preferred fallback order: the classifier/last layer and the first layer (the usual

@@ -7,4 +7,6 @@ import — never from which package happened to be imported first.
 from nano_tfx import _env  # noqa: F401
 from nano_tfx.keras.model import KERAS_FLAVOR, Model, Sequential
 
+_env.skip_autograph_for_tf_keras()  # tf_keras models: no multi-second AutoGraph pass over tf_keras itself
+
 __all__ = ["Model", "Sequential", "KERAS_FLAVOR"]

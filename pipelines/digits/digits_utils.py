@@ -20,26 +20,8 @@ from tfx import v1 as tfx
 from tfx_bsl.public import tfxio
 
 from components import quantizable_signatures
+from nano_tfx import skip_autograph_for_tf_keras
 from pipelines.digits.features import IMAGE_SHAPE, IMAGE_XF, LABEL_KEY, LABEL_XF, NUM_CLASSES, PIXEL_KEYS
-
-
-
-def skip_autograph_for_tf_keras() -> None:
-    """Keep AutoGraph out of tf_keras' own code, as TensorFlow does for ``keras``.
-
-    TF 2.16's AutoGraph rules say ``DoNotConvert('keras')`` but know nothing of the renamed
-    ``tf_keras`` package, so the first ``fit`` transpiles hundreds of tf_keras internals
-    (train_step, metrics, optimizers): ~20 s on a quiet 2-core machine, over a minute on a busy
-    one, instead of ~2 s. Idempotent; user functions are still converted as usual.
-    """
-    try:
-        from tensorflow.python.autograph.core import config
-    except ImportError:  # pragma: no cover - private module moved
-        return
-    rules = tuple(config.CONVERSION_RULES)
-    if not any(isinstance(r, config.DoNotConvert) and getattr(r, "_prefix", None) == "tf_keras" for r in rules):
-        config.CONVERSION_RULES = (config.DoNotConvert("tf_keras"),) + rules
-
 
 TRAIN_BATCH_SIZE = 32
 EVAL_BATCH_SIZE = 32

@@ -14,6 +14,7 @@ from tfx import v1 as tfx
 from tfx_bsl.public import tfxio
 
 from components import quantizable_signatures
+from nano_tfx import skip_autograph_for_tf_keras
 
 FEATURE_KEYS = ["culmen_length_mm", "culmen_depth_mm", "flipper_length_mm", "body_mass_g"]
 LABEL_KEY = "species"
@@ -59,6 +60,7 @@ def make_model(hidden_units: int = 16, num_layers: int = 2, learning_rate: float
 
 def run_fn(fn_args: tfx.components.FnArgs):
     """Train, then save ``serving_default`` (raw tf.Examples) + ``from_transformed_features``."""
+    skip_autograph_for_tf_keras()
     tf.random.set_seed(0)
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
     train = _input_fn(fn_args.train_files, fn_args.data_accessor, tf_transform_output, TRAIN_BATCH_SIZE)

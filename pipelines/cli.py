@@ -7,6 +7,9 @@
 Errors end the command with a non-zero exit code and one line on stderr:
 ``nano-tfx <command>: error: <reason>``. TensorFlow / TFX / INC logs go to a log file
 (``--verbose`` shows them instead); progress lines go to stdout.
+
+It lives in ``pipelines`` (the top of the import flow pipelines → components → nano_tfx) because
+``demo`` runs a pipeline; ``quantize`` and ``report`` only use the ``nano_tfx`` engine.
 """
 from __future__ import annotations
 
