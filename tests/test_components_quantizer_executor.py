@@ -182,6 +182,32 @@ def test_fp32_not_blessed_means_nothing_blessed(fp32, tmp_path):
     assert not os.path.exists(os.path.join(outputs["quantized_model"].uri, "Format-Serving"))
 
 
+def test_without_an_evaluator_the_baseline_is_measured(fp32, tmp_path):
+    """No Evaluator wired: the metric must be given; the FP32 baseline is measured on the split."""
+    inputs = dict(fp32, evaluation=None, model_blessing=None)
+    outputs, report = run_executor(fp32, str(tmp_path / "out"), inputs=inputs, accelerator="onnxruntime",
+                                   metric="sparse_categorical_accuracy", max_trials=3,
+                                   accuracy_criterion=json.dumps({"absolute": 0.03, "higher_is_better": True}))
+    assert report["tfx"]["baseline_source"] == "fp32 run" and report["baseline"] > 0.6
+    assert outputs["blessing"].get_int_custom_property("blessed") == 1, report["tfx"]["blessing_message"]
+    with pytest.raises(ValueError, match=r"metric: no metric given and no Evaluator"):
+        run_executor(fp32, str(tmp_path / "no_metric"), inputs=inputs)
+
+
+def test_auto_picks_the_fastest_backend_and_writes_its_layout(fp32, tmp_path):
+    outputs, report = run_executor(fp32, str(tmp_path / "out"), accelerator="auto", max_trials=1,
+                                   accuracy_criterion=json.dumps({"absolute": 0.03, "higher_is_better": True}))
+    assert outputs["blessing"].get_int_custom_property("blessed") == 1, report["tfx"]["blessing_message"]
+    backends = {t["backend"] for t in report["trials"]}
+    assert {"inc", "onnxruntime", "openvino"} <= backends
+    chosen = report["trials"][report["chosen"]]
+    finalists = {int(k): v for k, v in report["selection_latency_ms"].items()}
+    assert report["chosen"] == min(finalists, key=finalists.get)
+    serving = os.path.join(outputs["quantized_model"].uri, "Format-Serving")
+    assert nano_tfx.load(serving).backend == chosen["backend"]
+    assert outputs["quantized_model"].get_string_custom_property("nano_tfx_backend") == chosen["backend"]
+
+
 def test_model_without_quantizable_signature_is_rejected(fp32, tmp_path):
     loaded = tf.saved_model.load(_fp32_path(fp32))
     plain = str(tmp_path / "plain_model")
