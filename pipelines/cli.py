@@ -528,6 +528,7 @@ def cmd_demo(args) -> int:
         from absl import logging as absl_logging
 
         from pipelines.digits import local_runner
+        from pipelines.runners import beam_args
         from pipelines.digits import pipeline as _digits_pipeline  # noqa: F401  (TFX, TFMA, Quantizer)
 
         absl_logging.set_verbosity(absl_logging.INFO)
@@ -540,7 +541,7 @@ def cmd_demo(args) -> int:
                 console.done("done", seconds)
 
         try:
-            summary = local_runner.run(root, beam_pipeline_args=local_runner.beam_args(args.num_workers, args.beam_mode),
+            summary = local_runner.run(root, beam_pipeline_args=beam_args(args.num_workers, args.beam_mode),
                                        progress=progress, **kwargs)
         except Exception as err:  # noqa: BLE001 - one line; demo.log has the traceback
             console.done("FAILED")

@@ -18,15 +18,6 @@ import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
 from components import LatestQuantizationReportStrategy, QuantizationReport, Quantizer
-from components.quantizer.validation import validate_parameters
-
-#: The Quantizer's parameters, as ``create_pipeline`` functions take them (``batch_size`` is
-#: ``quantizer_batch_size`` there, next to the Trainer's own batch sizes).
-QUANTIZER_KNOBS = (
-    "accelerator", "precision", "accuracy_criterion", "metric", "tuning_strategy", "max_trials",
-    "timeout", "calibration_split", "evaluation_split", "sample_size", "signature_name",
-)
-
 
 def make_eval_config(
     label_key: str,
@@ -86,20 +77,13 @@ def build_pipeline(
 
     ``module`` is the import path of the Transform/Trainer module (``preprocessing_fn`` and
     ``run_fn``); referenced by import path, no module-file wheel is built, and the same module
-    works locally, on Airflow and in the KFP container image. ``quantizer_params`` are the
-    ``QUANTIZER_KNOBS``, passed to the ``Quantizer``. ``previous_report_strategy`` defaults to
+    works locally, on Airflow and in the KFP container image. ``quantizer_params`` go to the
+    ``Quantizer`` as they are (its constructor validates them). ``previous_report_strategy`` defaults to
     ``LatestQuantizationReportStrategy`` (newest report with trials; nothing on a first run);
     Kubeflow v2 compiles only TFX's built-in strategies, so its runners pass
     ``tfx.dsl.experimental.LatestArtifactStrategy``. ``metadata_path`` is None for orchestrators
     with their own metadata store (Kubeflow). ``with_quantizer=False`` stops after the Evaluator.
     """
-    unknown = set(quantizer_params) - set(QUANTIZER_KNOBS)
-    if unknown:
-        raise TypeError(f"build_pipeline: unknown arguments {sorted(unknown)}; expected some of {list(QUANTIZER_KNOBS)}")
-    params = dict(quantizer_params, label_key=transformed_label_key, batch_size=quantizer_batch_size)
-    if with_quantizer:  # fail fast on bad Quantizer knobs, before any other component is built
-        validate_parameters(**{k: params.get(k) for k in (*QUANTIZER_KNOBS, "label_key", "batch_size")})
-
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
     schema_gen = tfx.components.SchemaGen(
         statistics=statistics_gen.outputs["statistics"], infer_feature_shape=True
@@ -147,7 +131,9 @@ def build_pipeline(
             evaluation=evaluator.outputs["evaluation"],
             model_blessing=evaluator.outputs["blessing"],
             previous_report=previous_report,
-            **params,
+            label_key=transformed_label_key,
+            batch_size=quantizer_batch_size,
+            **quantizer_params,
         )
         if quantizer_beam_pipeline_args is not None:
             quantizer.with_beam_pipeline_args(list(quantizer_beam_pipeline_args))

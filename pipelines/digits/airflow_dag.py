@@ -10,7 +10,6 @@ import nano_tfx  # noqa: F401  (first: oneDNN must be on before TensorFlow is im
 
 from pipelines.digits import ENTRY
 
-PIPELINE_NAME = ENTRY.name
 #: create_dag(root=None, airflow_dag_config=None, beam_pipeline_args=None, **create_pipeline_kwargs)
 create_dag = ENTRY.airflow_dag
 

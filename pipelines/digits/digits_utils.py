@@ -11,17 +11,13 @@ and the same module works locally, on Airflow and in the KFP container image.
 """
 from __future__ import annotations
 
-from typing import List
-
 import tensorflow as tf
 import tensorflow_transform as tft
 import tf_keras as keras
 from tfx import v1 as tfx
-from tfx_bsl.public import tfxio
 
-from components import quantizable_signatures
-from nano_tfx import skip_autograph_for_tf_keras
 from pipelines.digits.features import IMAGE_SHAPE, IMAGE_XF, LABEL_KEY, LABEL_XF, NUM_CLASSES, PIXEL_KEYS
+from pipelines.trainer import train_and_save
 
 TRAIN_BATCH_SIZE = 32
 EVAL_BATCH_SIZE = 32
@@ -35,14 +31,6 @@ def preprocessing_fn(inputs):
         IMAGE_XF: tft.scale_to_0_1(image, elementwise=False),
         LABEL_XF: tf.reshape(inputs[LABEL_KEY], [-1, 1]),
     }
-
-
-def _input_fn(file_pattern: List[str], data_accessor, tf_transform_output, batch_size: int):
-    return data_accessor.tf_dataset_factory(
-        file_pattern,
-        tfxio.TensorFlowDatasetOptions(batch_size=batch_size, label_key=LABEL_XF),
-        tf_transform_output.transformed_metadata.schema,
-    ).repeat()
 
 
 def make_model(filters: int = 16, dense_units: int = 64, learning_rate: float = 3e-3) -> keras.Model:
@@ -66,19 +54,4 @@ def make_model(filters: int = 16, dense_units: int = 64, learning_rate: float = 
 
 def run_fn(fn_args: tfx.components.FnArgs):
     """Train, then save ``serving_default`` (raw tf.Examples) + ``from_transformed_features``."""
-    skip_autograph_for_tf_keras()
-    keras.utils.set_random_seed(0)
-    tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
-    train = _input_fn(fn_args.train_files, fn_args.data_accessor, tf_transform_output, TRAIN_BATCH_SIZE)
-    evals = _input_fn(fn_args.eval_files, fn_args.data_accessor, tf_transform_output, EVAL_BATCH_SIZE)
-    hparams = dict((fn_args.custom_config or {}).get("hparams", {}))
-    model = make_model(**hparams)
-    model.fit(
-        train,
-        steps_per_epoch=fn_args.train_steps,
-        validation_data=evals,
-        validation_steps=fn_args.eval_steps,
-        verbose=2,
-    )
-    signatures = quantizable_signatures(model, tf_transform_output, label_key=LABEL_KEY)
-    tf.saved_model.save(model, fn_args.serving_model_dir, signatures=signatures)
+    train_and_save(fn_args, make_model, LABEL_KEY, LABEL_XF, TRAIN_BATCH_SIZE, EVAL_BATCH_SIZE)

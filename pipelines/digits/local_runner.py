@@ -9,10 +9,7 @@ Outputs under ``--root``: ``pipeline_root/`` (artifacts), ``metadata.sqlite`` (M
 import nano_tfx  # noqa: F401  (first: oneDNN must be on before TensorFlow is imported)
 
 from pipelines.digits import ENTRY
-from pipelines.runners import beam_args, summarize  # noqa: F401  (public helpers)
 
-PIPELINE_NAME = ENTRY.name
-DEFAULT_ROOT = ENTRY.default_root
 #: run(root=None, num_workers=0, beam_pipeline_args=None, progress=None, **create_pipeline_kwargs)
 run = ENTRY.run
 

@@ -16,8 +16,6 @@ import nano_tfx  # noqa: F401  (first: oneDNN must be on before TensorFlow is im
 
 from pipelines.penguin import ENTRY
 
-PIPELINE_NAME = ENTRY.kfp_name
-IMAGE_DATA_ROOT = ENTRY.image_data_root
 #: compile_pipeline(output_path, image=..., pipeline_root=..., data_root=None, **create_pipeline_kwargs)
 compile_pipeline = ENTRY.compile_kubeflow_v2
 

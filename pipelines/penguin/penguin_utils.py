@@ -5,16 +5,11 @@ The Trainer saves the two signatures the Quantizer needs via ``quantizable_signa
 """
 from __future__ import annotations
 
-from typing import List
-
-import tensorflow as tf
 import tensorflow_transform as tft
 import tf_keras as keras
 from tfx import v1 as tfx
-from tfx_bsl.public import tfxio
 
-from components import quantizable_signatures
-from nano_tfx import skip_autograph_for_tf_keras
+from pipelines.trainer import train_and_save
 
 FEATURE_KEYS = ["culmen_length_mm", "culmen_depth_mm", "flipper_length_mm", "body_mass_g"]
 LABEL_KEY = "species"
@@ -34,15 +29,6 @@ def preprocessing_fn(inputs):
     return outputs
 
 
-def _input_fn(file_pattern: List[str], data_accessor, tf_transform_output, batch_size: int):
-    return data_accessor.tf_dataset_factory(
-        file_pattern,
-        tfxio.TensorFlowDatasetOptions(
-            batch_size=batch_size, label_key=transformed_name(LABEL_KEY), shuffle_seed=0),
-        tf_transform_output.transformed_metadata.schema,
-    ).repeat()
-
-
 def make_model(hidden_units: int = 16, num_layers: int = 2, learning_rate: float = 1e-2) -> keras.Model:
     inputs = [keras.layers.Input(shape=(1,), name=transformed_name(f)) for f in FEATURE_KEYS]
     x = keras.layers.concatenate(inputs)
@@ -60,19 +46,5 @@ def make_model(hidden_units: int = 16, num_layers: int = 2, learning_rate: float
 
 def run_fn(fn_args: tfx.components.FnArgs):
     """Train, then save ``serving_default`` (raw tf.Examples) + ``from_transformed_features``."""
-    skip_autograph_for_tf_keras()
-    tf.random.set_seed(0)
-    tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
-    train = _input_fn(fn_args.train_files, fn_args.data_accessor, tf_transform_output, TRAIN_BATCH_SIZE)
-    evals = _input_fn(fn_args.eval_files, fn_args.data_accessor, tf_transform_output, EVAL_BATCH_SIZE)
-    hp = dict((fn_args.custom_config or {}).get("hparams", {}))
-    model = make_model(**hp)
-    model.fit(
-        train,
-        steps_per_epoch=fn_args.train_steps,
-        validation_data=evals,
-        validation_steps=fn_args.eval_steps,
-        verbose=2,
-    )
-    signatures = quantizable_signatures(model, tf_transform_output, label_key=LABEL_KEY)
-    tf.saved_model.save(model, fn_args.serving_model_dir, signatures=signatures)
+    train_and_save(fn_args, make_model, LABEL_KEY, transformed_name(LABEL_KEY), TRAIN_BATCH_SIZE, EVAL_BATCH_SIZE,
+                   shuffle_seed=0)
