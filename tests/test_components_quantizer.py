@@ -243,3 +243,17 @@ def test_trial_parallelism_follows_beam_args():
     args = beam_runner.with_runner_defaults([f"--runner={beam_runner.DASK_RUNNER}"])
     assert "--dask_partition_size=1" in args  # one trial per Dask partition
     assert beam_runner.with_runner_defaults(["--direct_num_workers=2"]) == ["--direct_num_workers=2"]
+
+
+def test_trials_run_in_process_on_the_local_direct_runner(tmp_path):
+    """Beam only where it buys something: the local DirectRunner (any mode) runs trials in-process."""
+    mp = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    for args in ([], mp, ["--runner=DirectRunner", "--direct_running_mode=in_memory"]):
+        runner = beam_runner.BeamTrialRunner(args, results_dir=str(tmp_path))
+        assert runner.in_process and runner.parallelism == 1 and runner.description == "in-process"
+    forced = beam_runner.BeamTrialRunner(mp, results_dir=str(tmp_path), in_process=False)
+    assert not forced.in_process and forced.parallelism == 2 and forced.description == "beam:DirectRunner"
+    dask = [f"--runner={beam_runner.DASK_RUNNER}"]
+    assert not beam_runner.is_local_direct(dask)
+    for args in (["--runner=FlinkRunner"], ["--runner=SparkRunner"], ["--runner=DataflowRunner"]):
+        assert not beam_runner.is_local_direct(args), args

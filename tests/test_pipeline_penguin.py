@@ -79,7 +79,10 @@ def test_pushed_int8_model_serves_raw_examples_like_fp32(first_run):
     report = _report(root)
     print(nano_tfx.Report.from_dict(report).table())
     assert report["tfx"]["blessed"] is True, report["tfx"]["blessing_message"]
-    assert report["tfx"]["beam_runner"] == "DirectRunner" and report["tfx"]["trial_parallelism"] == 2
+    assert report["tfx"]["beam_runner"] == "DirectRunner"
+    # The local DirectRunner buys nothing for trials: they ran in this (LocalDagRunner's) process.
+    assert report["tfx"]["tuning_runner"] == "in-process" and report["tfx"]["trial_parallelism"] == 1
+    assert {t["worker"].rsplit(":", 1)[1] for t in report["trials"]} == {str(os.getpid())}
 
     versions = _pushed_versions(root)
     assert len(versions) == 1

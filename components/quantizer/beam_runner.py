@@ -1,5 +1,12 @@
 """Trials as Beam work: ``Create(configs) → Reshuffle → Map(run_trial) → write results``.
 
+Beam pays only where it buys something: on the local DirectRunner (any
+``direct_running_mode``) each batch of trials would start fresh worker processes that import
+TensorFlow again (measured: 2.7× the in-process tuning time, see ``benchmarks/tuning_bench.py``)
+and the two cores are the same ones the in-process trial uses anyway, so ``BeamTrialRunner``
+runs the trials in-process there (``in_process``). Dask, Flink, Spark, Dataflow and portable
+runners keep trials as Beam work.
+
 ``BeamTrialRunner`` is the ``trial_runner=`` the Quantizer passes to ``nano_tfx.quantize``. Each
 batch of configs the tuner proposes becomes one Beam pipeline built with the component's
 ``beam_pipeline_args``, so the same code runs on the DirectRunner (multi_processing), Dask,
@@ -59,6 +66,16 @@ def _is_dask(runner: Any) -> bool:
     return "DaskRunner" in str(runner)
 
 
+IN_PROCESS = "in-process"
+_LOCAL_RUNNERS = ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "FnApiRunner")
+
+
+def is_local_direct(beam_pipeline_args: Sequence[str]) -> bool:
+    """True for the local DirectRunner in any ``direct_running_mode`` (trials run in-process)."""
+    runner = str(runner_name(beam_pipeline_args))
+    return runner.rsplit(".", 1)[-1] in _LOCAL_RUNNERS
+
+
 def default_parallelism(beam_pipeline_args: Sequence[str]) -> int:
     """How many trials to propose at once: the number of Beam workers the args ask for."""
     from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions, WorkerOptions
@@ -110,7 +127,10 @@ class BeamTrialRunner(TrialRunner):
         on the job, ``trials/`` with each trial's model so the winner can be loaded back).
       artifact_root: where workers save trial models (must outlive the run for resume).
       make_pipeline: optional factory of ``beam.Pipeline`` (the executor's, for tests).
-      parallelism: trials per batch; default from the Beam args (``default_parallelism``).
+      parallelism: trials per batch; default from the Beam args (``default_parallelism``),
+        1 when the trials run in-process.
+      in_process: run the trials in this process instead of as Beam work; default (None):
+        only on the local DirectRunner (``is_local_direct``).
     """
 
     def __init__(
@@ -120,15 +140,22 @@ class BeamTrialRunner(TrialRunner):
         artifact_root: str | None = None,
         make_pipeline: Callable[[], Any] | None = None,
         parallelism: int | None = None,
+        in_process: bool | None = None,
     ):
         import tempfile
 
         self.beam_pipeline_args = with_runner_defaults(beam_pipeline_args)
+        self.in_process = is_local_direct(self.beam_pipeline_args) if in_process is None else bool(in_process)
         self.results_dir = results_dir or tempfile.mkdtemp(prefix="nano_tfx_trials_")
         self.artifact_root = artifact_root or os.path.join(self.results_dir, "trials")
         self.make_pipeline = make_pipeline
-        self.parallelism = parallelism or default_parallelism(self.beam_pipeline_args)
+        self.parallelism = parallelism or (1 if self.in_process else default_parallelism(self.beam_pipeline_args))
         self.batches_run = 0
+
+    @property
+    def description(self) -> str:
+        """Where trials run: ``in-process`` or ``beam:<runner>`` (recorded in the report)."""
+        return IN_PROCESS if self.in_process else f"beam:{runner_name(self.beam_pipeline_args)}"
 
     def _pipeline(self):
         if self.make_pipeline is not None:
@@ -144,6 +171,9 @@ class BeamTrialRunner(TrialRunner):
         if not configs:
             return []
         job = job if job.artifact_root else dataclasses.replace(job, artifact_root=self.artifact_root)
+        if self.in_process:  # live candidates stay in memory; models are still saved for resume
+            self.batches_run += 1
+            return [run_trial(job, c) for c in configs]
         out_dir = FileSystems.join(self.results_dir, f"batch-{self.batches_run:04d}-{uuid.uuid4().hex[:8]}")
         FileSystems.mkdirs(out_dir)
         self.batches_run += 1

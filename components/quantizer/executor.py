@@ -6,7 +6,8 @@
 3. Data: ``sample_size`` calibration records are drawn from the Transform output in Beam
    (bounded memory); evaluation streams the evaluation split inside each trial.
 4. Trials: ``nano_tfx.quantize(trial_runner=BeamTrialRunner)`` — each batch of proposed configs
-   is one Beam pipeline with the component's ``beam_pipeline_args``.
+   is one Beam pipeline with the component's ``beam_pipeline_args`` (Dask, Flink, Spark,
+   Dataflow); on the local DirectRunner the trials run in-process (``tuning_runner``).
 5. Output: the chosen model in its server's layout (``serving.py``), ``blessing`` (BLESSED only
    when every bar holds) and ``report`` (JSON of every trial + HTML). A ``previous_report`` of the
    same model fingerprint and request lets finished trials be reused.
@@ -210,6 +211,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             make_pipeline=self._make_beam_pipeline_fn,
         )
         tfx_info["trial_parallelism"] = runner.parallelism
+        tfx_info["tuning_runner"] = runner.description
         kwargs = dict(
             precision=precision, accelerator=accelerator, calib_dataset=calib, metric=metric,
             accuracy_criterion=criterion, tuning_strategy=exec_properties.get("tuning_strategy") or None,
@@ -406,7 +408,7 @@ def _report_html(report: Any, tfx_info: dict, tmp_dir: str) -> str:
     rows = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(tfx_info.get(k), default=str))}</td></tr>"
         for k in ("blessed", "blessing_message", "metric", "baseline", "int8_metric", "value_bounds",
-                  "user_criterion", "effective_criterion", "backend", "beam_runner", "trial_parallelism",
+                  "user_criterion", "effective_criterion", "backend", "beam_runner", "tuning_runner", "trial_parallelism",
                   "resumed_from", "notes")
         if k in tfx_info
     )

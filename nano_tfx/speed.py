@@ -1,0 +1,118 @@
+"""Side-by-side speed: the FP32 reference and the candidates timed in one process, one timer.
+
+A trial times itself right after it was built, minutes apart from the others and under whatever
+load the machine had then; on a shared 2-core machine that can swing latencies by 2×. What
+decides "faster than FP32" and "the fastest finalist" is therefore measured here, all variants
+together:
+
+* the same call path the returned model uses (``QuantizedModel.run``, raw numpy in and out) and
+  the same engine objects (so the same thread settings);
+* interleaved rounds (every variant once per round, the order rotating) so a noisy neighbour
+  hits all variants alike; the value per variant is the median of all its calls;
+* a short sleep before each variant's slot: ONNX Runtime, OpenVINO and TensorFlow leave worker
+  threads spinning after a call, which would otherwise steal the next variant's cores;
+* one unmeasured call per slot after the sleep (wake-up), a warm-up per variant first;
+* a wall-clock budget in seconds, split between batch 1 and the evaluation batch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from nano_tfx.timing import rows
+
+log = logging.getLogger("nano_tfx")
+
+Run = Callable[[Sequence[np.ndarray]], object]
+
+DEFAULT_BUDGET_S = 3.0
+MIN_ROUNDS = 3
+MAX_ROUNDS = 40
+SETTLE_S = 0.02
+
+
+@dataclass
+class SideBySide:
+    """Median latencies (ms) per variant at batch 1 and at ``batch``."""
+
+    b1_ms: dict[str, float]
+    batch: int | None = None
+    batch_ms: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)  # measured batch-1 calls per variant
+    rounds: int = 0
+    seconds: float = 0.0
+
+    def speedup(self, reference: str, variant: str) -> float | None:
+        """``reference`` time ÷ ``variant`` time at batch 1 (> 1: ``variant`` is faster)."""
+        ref, var = self.b1_ms.get(reference), self.b1_ms.get(variant)
+        return None if not ref or not var else ref / var
+
+    def fastest(self, names: Sequence[str] | None = None) -> str:
+        pool = {k: v for k, v in self.b1_ms.items() if names is None or k in names}
+        return min(pool, key=pool.get)
+
+    def to_dict(self) -> dict:
+        return {"b1_ms": {k: round(v, 4) for k, v in self.b1_ms.items()}, "batch": self.batch,
+                "batch_ms": {k: round(v, 4) for k, v in self.batch_ms.items()}, "calls": dict(self.calls),
+                "rounds": self.rounds, "seconds": round(self.seconds, 3)}
+
+
+def _rounds(runs: Mapping[str, Run], x: list[np.ndarray], budget_s: float, settle_s: float) -> tuple[dict, int, dict]:
+    names = list(runs)
+    per_call: dict[str, float] = {}
+    for name in names:  # warm-up; also estimates one call's cost to size the slots
+        runs[name](x)
+        t = time.perf_counter()
+        runs[name](x)
+        per_call[name] = max(time.perf_counter() - t, 1e-6)
+    slot_s = budget_s / (max(MIN_ROUNDS * 2, 8) * len(names))  # aim at ~8 rounds in the budget
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    done = 0
+    while done < MAX_ROUNDS and (done < MIN_ROUNDS or time.perf_counter() - start < budget_s):
+        order = names[done % len(names):] + names[:done % len(names)]
+        for name in order:
+            run = runs[name]
+            time.sleep(settle_s)  # let the previous engine's spinning threads give the cores back
+            run(x)  # wake this engine's threads; not measured
+            n = max(1, min(2000, int(slot_s / per_call[name])))
+            for _ in range(n):
+                t = time.perf_counter()
+                run(x)
+                samples[name].append(time.perf_counter() - t)
+        done += 1
+    return {n: float(np.median(v) * 1000.0) for n, v in samples.items()}, done, {n: len(v) for n, v in samples.items()}
+
+
+def side_by_side(runs: Mapping[str, Run], inputs: Sequence[np.ndarray], batch: int | None = None,
+                 budget_s: float = DEFAULT_BUDGET_S, settle_s: float = SETTLE_S) -> SideBySide:
+    """Time every ``runs[name](inputs)`` side by side (see the module doc).
+
+    Args:
+      runs: variant name -> the call to time (e.g. ``QuantizedModel(candidate, source).run``).
+      inputs: one batch of model inputs; rows are taken (repeated if short) for each batch size.
+      batch: also time at this batch size (the evaluation batch); None or 1: batch 1 only.
+      budget_s: wall-clock seconds for the whole comparison (at least ``MIN_ROUNDS`` rounds run).
+      settle_s: pause before each variant's slot.
+    """
+    if not runs:
+        raise ValueError("runs: expected at least one variant to time, got none")
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s > 0:
+        raise ValueError(f"budget_s: expected seconds > 0, got {budget_s!r}")
+    started = time.perf_counter()
+    with_batch = batch is not None and batch > 1
+    share = 0.6 if with_batch else 1.0
+    b1, done, calls = _rounds(runs, rows(inputs, 1), budget_s * share, settle_s)
+    result = SideBySide(b1_ms=b1, rounds=done, calls=calls)
+    if with_batch:
+        result.batch = batch
+        result.batch_ms, _, _ = _rounds(runs, rows(inputs, batch), budget_s * (1 - share), settle_s)
+    result.seconds = time.perf_counter() - started
+    log.info("nano-tfx: side-by-side batch-1 ms %s (%d rounds, %.1fs)",
+             {k: round(v, 3) for k, v in b1.items()}, done, result.seconds)
+    return result
+
