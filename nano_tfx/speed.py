@@ -17,9 +17,11 @@ together:
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -116,3 +118,21 @@ def side_by_side(runs: Mapping[str, Run], inputs: Sequence[np.ndarray], batch: i
              {k: round(v, 3) for k, v in b1.items()}, done, result.seconds)
     return result
 
+
+
+def check_min_speedup(value: Any) -> float | None:
+    """``min_speedup`` as a float (None stays None: no gate); errors name the argument."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"min_speedup: expected a finite number >= 0 (FP32 time / quantized time; 0 = no gate), got {value!r}")
+    return float(value)
+
+
+def speed_text(precision: str | None, latency_ms: float | None, fp32_latency_ms: float | None) -> str:
+    """"INT8 x ms vs FP32 y ms (z×)" (batch 1), the wording of reports and blessing messages."""
+    if latency_ms is None or fp32_latency_ms is None:
+        return f"{(precision or 'int8').upper()} vs FP32 speed not measured"
+    return (f"{(precision or 'int8').upper()} {latency_ms:.3f} ms vs FP32 {fp32_latency_ms:.3f} ms "
+            f"({fp32_latency_ms / latency_ms:.2f}×)")

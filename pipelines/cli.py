@@ -397,7 +397,7 @@ def _quantize_steps(args, console: Console, model: str, output: str, calib: str,
         metric=args.metric, accuracy_criterion=criterion, tuning_strategy=args.strategy,
         max_trials=args.max_trials, timeout=args.timeout, batch=args.batch,
         sample_size=args.sample_size, signature_name=args.signature,
-        trial_runner=_progress_runner(console, args.max_trials),
+        trial_runner=_progress_runner(console, args.max_trials), min_speedup=args.min_speedup,
     )
     if eval_data is not None:
         kwargs["eval_dataset"] = eval_data
@@ -523,6 +523,8 @@ def cmd_demo(args) -> int:
     kwargs: dict = dict(train_steps=args.train_steps, accelerator=None if args.accelerator in (None, "inc") else args.accelerator)
     if args.max_trials:
         kwargs["max_trials"] = args.max_trials
+    if args.min_speedup is not None:
+        kwargs["min_speedup"] = args.min_speedup
     with quiet_output(log_path) as console:
         console.step("Loading TFX and the digits pipeline")
         from absl import logging as absl_logging
@@ -579,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-steps", type=int, default=300)
     demo.add_argument("--accelerator", default=None, choices=["inc", "onnxruntime", "openvino", "auto"])
     demo.add_argument("--max-trials", type=int, default=None)
+    demo.add_argument("--min-speedup", type=float, default=None,
+                      help="the Quantizer's speed gate (default 1.0: never bless a model slower than FP32; 0: off)")
     demo.add_argument("--num-workers", type=int, default=0, help="Beam DirectRunner workers (0: one per CPU)")
     demo.add_argument("--beam-mode", default="in_memory", choices=["in_memory", "multi_threading", "multi_processing"],
                       help="Beam DirectRunner mode (default: %(default)s, the quickest on a small machine; "
@@ -603,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strategy", default=None, help="tuning strategy (basic, bayesian, random, exhaustive, mse)")
     q.add_argument("--max-trials", type=int, default=None)
     q.add_argument("--timeout", type=float, default=0)
+    q.add_argument("--min-speedup", type=float, default=None,
+                   help="refuse a model less than this many times faster than FP32 at batch 1 "
+                        "(e.g. 1.0: never slower; default: no gate, the speed-up is reported)")
     q.add_argument("--sample-size", type=int, default=100, help="calibration samples (default: %(default)s)")
     q.add_argument("--batch", type=int, default=None)
     q.add_argument("--signature", default="serving_default")

@@ -18,7 +18,7 @@ from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionP
 from components.quantizer import executor
 from components.quantizer.artifacts import QuantizationReport
 from components.quantizer.signatures import FROM_TRANSFORMED_FEATURES
-from components.quantizer.validation import validate_parameters
+from components.quantizer.validation import DEFAULT_MIN_SPEEDUP, validate_parameters
 
 
 class QuantizerSpec(ComponentSpec):
@@ -39,6 +39,8 @@ class QuantizerSpec(ComponentSpec):
         "sample_size": ExecutionParameter(type=int),
         "batch_size": ExecutionParameter(type=int, optional=True),
         "signature_name": ExecutionParameter(type=str),
+        # FP32 batch-1 time / quantized time the blessed model must reach (0 = no speed gate).
+        "min_speedup": ExecutionParameter(type=float, optional=True),
     }
     INPUTS = {
         "model": ChannelParameter(type=standard_artifacts.Model),
@@ -82,6 +84,10 @@ class Quantizer(base_beam_component.BaseBeamComponent):
       sample_size: number of calibration samples drawn (in Beam, bounded memory).
       batch_size: batch size of calibration / evaluation batches.
       signature_name: signature of the Trainer model to quantize.
+      min_speedup: the blessed model must be at least this many times faster than the FP32
+        signature it replaces (batch 1, timed side by side in the executor); default 1.0: never
+        bless a slower model. 0 or None: no speed gate (the speed-up is still reported). When
+        the gate blocks, push the FP32 model instead (``build_pipeline(push_fp32_when_not_quantized=True)``).
     """
 
     SPEC_CLASS = QuantizerSpec
@@ -108,6 +114,7 @@ class Quantizer(base_beam_component.BaseBeamComponent):
         sample_size: int = 100,
         batch_size: Optional[int] = None,
         signature_name: str = FROM_TRANSFORMED_FEATURES,
+        min_speedup: Optional[float] = DEFAULT_MIN_SPEEDUP,
     ):
         params = validate_parameters(
             accelerator=accelerator,
@@ -123,6 +130,7 @@ class Quantizer(base_beam_component.BaseBeamComponent):
             sample_size=sample_size,
             batch_size=batch_size,
             signature_name=signature_name,
+            min_speedup=min_speedup,
         )
         if params["accuracy_criterion"] is not None:
             params["accuracy_criterion"] = json.dumps(params["accuracy_criterion"], sort_keys=True)

@@ -7,8 +7,12 @@ from typing import Any
 
 from nano_tfx.api import ACCELERATORS, PRECISIONS  # the Keras API's own lists
 from nano_tfx.criterion import AccuracyCriterion
+from nano_tfx.speed import check_min_speedup
 
 DEFAULT_ACCURACY_CRITERION = {"relative": 0.01, "higher_is_better": True}
+# The Quantizer never blesses a model slower than the FP32 model it replaces (the Keras API's
+# default is no gate; the speed-up is reported either way).
+DEFAULT_MIN_SPEEDUP = 1.0
 
 
 def _is_int(value: Any) -> bool:
@@ -59,6 +63,7 @@ def validate_parameters(
     sample_size: Any,
     batch_size: Any,
     signature_name: Any,
+    min_speedup: Any = DEFAULT_MIN_SPEEDUP,
 ) -> dict:
     """Validate every parameter; return the exec-property dict (None for unset optionals)."""
     if accelerator not in ACCELERATORS:
@@ -92,6 +97,7 @@ def validate_parameters(
     if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
     _engine_check(accelerator, precision, tuning_strategy)
+    speedup_bar = check_min_speedup(min_speedup)
     return {
         "accelerator": accelerator,
         "precision": precision,
@@ -106,4 +112,5 @@ def validate_parameters(
         "sample_size": int(sample_size),
         "batch_size": int(batch_size) if batch_size is not None else None,
         "signature_name": signature_name,
+        "min_speedup": 0.0 if speedup_bar is None else speedup_bar,  # None = no gate
     }
