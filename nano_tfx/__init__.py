@@ -9,12 +9,12 @@ from nano_tfx._env import skip_autograph_for_tf_keras
 from nano_tfx.api import quantize
 from nano_tfx.criterion import AccuracyCriterion
 from nano_tfx.data import BatchSource
-from nano_tfx.errors import AccuracyCriterionNotMet
+from nano_tfx.errors import AccuracyCriterionNotMet, SpeedupNotMet
 from nano_tfx.report import Report, TrialRecord
 from nano_tfx.result import QuantizedModel, load
 
 __all__ = [
-    "quantize", "load", "QuantizedModel", "AccuracyCriterionNotMet", "AccuracyCriterion",
+    "quantize", "load", "QuantizedModel", "AccuracyCriterionNotMet", "SpeedupNotMet", "AccuracyCriterion",
     "Report", "TrialRecord", "BatchSource", "skip_autograph_for_tf_keras",
 ]
 __version__ = "0.1.0"

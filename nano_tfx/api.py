@@ -17,11 +17,12 @@ from typing import Any, Callable, Mapping, Sequence
 from nano_tfx.backends.base import BackendOptions, backend_class, backend_names
 from nano_tfx.criterion import AccuracyCriterion
 from nano_tfx.data import make_batches
-from nano_tfx.errors import AccuracyCriterionNotMet
+from nano_tfx.errors import AccuracyCriterionNotMet, SpeedupNotMet
 from nano_tfx.interchange import SavedModelSource, to_saved_model
 from nano_tfx.metrics import check_metric_value, make_evaluator
 from nano_tfx.report import Report
 from nano_tfx.result import QuantizedModel
+from nano_tfx.speed import check_min_speedup, side_by_side
 from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialRunner
 from nano_tfx.tuning.strategies import STRATEGIES
 from nano_tfx.tuning.tuner import Budget, tune
@@ -49,6 +50,7 @@ class QuantizationRequest:
     batch: int | None
     sample_size: int | None
     options: BackendOptions
+    min_speedup: float | None = None  # FP32 ms / quantized ms the result must reach (None: no gate)
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = True) -> None:
@@ -61,7 +63,8 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = True) -> 
 def make_request(precision: str, accelerator: str | None, approach: str, accuracy_criterion: Any,
                  has_metric: bool, tuning_strategy: str | None, max_trials: int | None, timeout: Any,
                  batch: int | None, sample_size: int | None, method: str | None, thread_num: int | None,
-                 onnxruntime_session_options: Any, openvino_config: Mapping | None) -> QuantizationRequest:
+                 onnxruntime_session_options: Any, openvino_config: Mapping | None,
+                 min_speedup: Any = None) -> QuantizationRequest:
     """Check every argument before any work starts; errors name the argument."""
     if accelerator not in ACCELERATORS:
         raise ValueError(f"accelerator: expected None, 'onnxruntime', 'openvino' or 'auto', got {accelerator!r}")
@@ -92,7 +95,7 @@ def make_request(precision: str, accelerator: str | None, approach: str, accurac
                              openvino_config=openvino_config, approach=approach)
     return QuantizationRequest(precision, accelerator, approach, criterion, tuning_strategy,
                                max_trials if max_trials is not None else (DEFAULT_MAX_TRIALS if has_metric else None),
-                               float(timeout), batch, sample_size, options)
+                               float(timeout), batch, sample_size, options, check_min_speedup(min_speedup))
 
 
 def check_timeout(timeout: Any) -> float:
@@ -195,6 +198,7 @@ def quantize(
     trial_runner: TrialRunner | None = None,
     previous_report: Report | str | None = None,
     workdir: str | None = None,
+    min_speedup: float | None = None,
 ) -> QuantizedModel:
     """Quantize a Keras model (Keras 3 or tf_keras) or a SavedModel directory.
 
@@ -203,11 +207,19 @@ def quantize(
     that). Without a metric the model is fully quantized with no search. Raises
     ``AccuracyCriterionNotMet`` (with ``best_model`` and ``report``) when tuning cannot meet
     ``accuracy_criterion``.
+
+    Speed is measured every time: the FP32 signature and the result are timed side by side at
+    the end (``report.fp32_latency_ms``, ``report.speedup`` = FP32 ms ÷ result ms at batch 1;
+    each trial's ``speedup`` is timed when it ran). ``min_speedup`` (default None: no gate) is a
+    speed bar: a trial slower than ``min_speedup`` × FP32 does not pass, whatever its accuracy
+    (with ``accelerator='auto'`` the bar applies to the chosen, fastest model), and the result
+    is confirmed side by side; when it is missed ``SpeedupNotMet`` (an ``AccuracyCriterionNotMet``)
+    is raised with the model and report.
     """
     evaluator = make_evaluator(metric, eval_func)
     request = make_request(precision, accelerator, approach, accuracy_criterion, evaluator is not None,
                            tuning_strategy, max_trials, timeout, batch, sample_size, method, thread_num,
-                           onnxruntime_session_options, openvino_config)
+                           onnxruntime_session_options, openvino_config, min_speedup)
     if conf is not None:
         raise ValueError("conf: INC yaml/config objects are not used; pass the tuning arguments directly")
     if calib_dataset is None and x is None:
@@ -259,8 +271,12 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     if previous_report is not None and previous_report.model_fingerprint not in (None, fp):
         previous_report = None  # another model: nothing to reuse
 
+    from nano_tfx.backends.tf_reference import TFSignatureCandidate
+
+    reference = QuantizedModel(TFSignatureCandidate(source), source)  # the FP32 model being replaced
     if evaluator is not None and baseline is None:
-        baseline = measure_baseline(evaluator, source, evaluation)
+        baseline = measure_baseline(evaluator, source, evaluation, reference)
+    timing_inputs = _timing_inputs(calib, evaluation)
     report = Report(
         backend="auto" if request.accelerator == "auto" else pairs[0][0], precision=request.precision,
         metric_name=evaluator.name if evaluator else None, baseline=baseline,
@@ -276,6 +292,7 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
             evaluation=evaluation, evaluator=evaluator, baseline=baseline, criterion=request.criterion,
             latency_batch=(request.batch or 32) if auto else None,
             workdir=os.path.join(workdir, "trials"),
+            min_speedup=None if auto else request.min_speedup,  # auto: the bar is for the chosen model
         )
         for backend_name, prec in pairs
     ]
@@ -286,13 +303,19 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
         log.info("nano-tfx: trials\n%s", report.table())
 
     finalists = [o for o in outcomes if o.chosen is not None and o.candidate is not None]
-    chosen_outcome = _fastest(finalists, report, calib)
+    fallback = None if finalists else _best_of(outcomes, request.criterion)
+    chosen_outcome = _fastest(finalists, fallback, report, reference, timing_inputs, request.batch or 32)
+    report.min_speedup = request.min_speedup
+    too_slow = _too_slow(report, request, chosen_outcome, baseline)
+    if chosen_outcome is not None and too_slow:
+        report.stop_reason = f"min_speedup={request.min_speedup:g} not met ({report.speed_summary()})"
+        fallback, chosen_outcome = chosen_outcome, None
     report.seconds = round(time.perf_counter() - started, 3)
     controlled = evaluator is not None
-    report.met = (chosen_outcome is not None) if controlled else None
+    report.met = (chosen_outcome is not None) if controlled or request.min_speedup else None
     if chosen_outcome is not None:
         report.chosen = chosen_outcome.chosen_index
-    final = chosen_outcome or _best_of(outcomes, request.criterion)
+    final = chosen_outcome or fallback
     if final is None:
         failed = [t for t in report.trials if t.failed]
         detail = "; ".join(f"{t.backend}/{t.precision}: {t.error}" for t in failed[-3:]) or report.stop_reason
@@ -307,17 +330,21 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
         result.compile(loss=loss, metrics=metrics)
     except ValueError:
         result.compile(loss=loss)
+    if too_slow:
+        raise SpeedupNotMet(result, report, request.min_speedup)
     if controlled and chosen_outcome is None:
         raise AccuracyCriterionNotMet(result, report)
     return result
 
 
-def measure_baseline(evaluator: Any, source: SavedModelSource, evaluation: Any) -> float:
+def measure_baseline(evaluator: Any, source: SavedModelSource, evaluation: Any,
+                     reference: QuantizedModel | None = None) -> float:
     """The FP32 metric, refused at once when it is not a finite number (no search is run on it)."""
-    from nano_tfx.backends.tf_reference import TFSignatureCandidate
+    if reference is None:
+        from nano_tfx.backends.tf_reference import TFSignatureCandidate
 
-    ref = TFSignatureCandidate(source)
-    value = evaluator.evaluate(ref.run, evaluation, model=QuantizedModel(ref, source))
+        reference = QuantizedModel(TFSignatureCandidate(source), source)
+    value = evaluator.evaluate(reference.run, evaluation, model=reference)
     return check_metric_value(value, evaluator.name, "the FP32 model", evaluator.argument)
 
 
@@ -335,24 +362,52 @@ def _best_of(outcomes: list, criterion: AccuracyCriterion | None) -> Any:
     return max(usable, key=score)
 
 
-def _fastest(finalists: list, report: Report, calib: Any) -> Any:
-    """The finalist with the lowest batch-1 latency (``accelerator='auto'``).
+def _timing_inputs(calib: Any, evaluation: Any) -> list | None:
+    """One batch of model inputs to time with (calibration data, else evaluation data)."""
+    for batches in ((calib.calibration() if calib is not None else None), evaluation):
+        if batches is not None:
+            for item in batches:
+                return list(item if batches is not evaluation else item[0])
+    return None
+
+
+def _fastest(finalists: list, fallback: Any, report: Report, reference: QuantizedModel,
+             inputs: list | None, batch: int) -> Any:
+    """Time FP32 and the finalists (or, none passing, the model returned anyway) side by side;
+    the fastest finalist is chosen (``accelerator='auto'``) and ``report`` gets the speed.
 
     Each trial timed itself right after it was built, minutes apart and under whatever load the
-    machine had then; engines leave worker threads spinning after a run, too. So with several
-    finalists they are re-timed here side by side: interleaved rounds, median per finalist.
+    machine had then, so the comparison that decides is made here, in one process through the
+    returned model's call path (``nano_tfx.speed``).
     """
-    if len(finalists) < 2 or calib is None:
+    timed = finalists or ([fallback] if fallback is not None else [])
+    if inputs is None or not timed:
         return finalists[0] if finalists else None
-    import numpy as np
 
-    from nano_tfx.timing import latency_ms, rows
+    def index(o):
+        return o.chosen_index if o.chosen is not None else o.best_index
 
-    x = rows(next(iter(calib.calibration())), 1)
-    samples: dict[int, list[float]] = {i: [] for i in range(len(finalists))}
-    for _ in range(3):
-        for i, outcome in enumerate(finalists):
-            samples[i].append(latency_ms(outcome.candidate.run, x, warmup=3, repeats=5000, budget_s=0.4))
-    medians = {i: float(np.median(v)) for i, v in samples.items()}
-    report.selection_latency_ms = {finalists[i].chosen_index: round(ms, 4) for i, ms in medians.items()}
-    return finalists[min(medians, key=medians.get)]
+    runs = {"fp32": reference.run}
+    runs.update({f"trial {index(o)}": QuantizedModel(o.candidate, reference).run for o in timed})
+    speed = side_by_side(runs, inputs, batch=batch)
+    report.side_by_side = speed.to_dict()
+    report.fp32_latency_ms = round(speed.b1_ms["fp32"], 4)
+    if len(finalists) > 1:
+        report.selection_latency_ms = {o.chosen_index: round(speed.b1_ms[f"trial {o.chosen_index}"], 4)
+                                       for o in finalists}
+    pick = min(timed, key=lambda o: speed.b1_ms[f"trial {index(o)}"])
+    report.speedup = round(speed.speedup("fp32", f"trial {index(pick)}"), 4)
+    return pick if finalists else None
+
+
+def _too_slow(report: Report, request: QuantizationRequest, chosen: Any, baseline: float | None) -> bool:
+    """Whether the speed gate is what fails the call: the chosen model is slower than the bar
+    side by side, or nothing was chosen although some trial met the accuracy bar (per-trial gate)."""
+    bar = request.min_speedup
+    if not bar:
+        return False
+    if chosen is not None:
+        return report.speedup is None or report.speedup < bar
+    crit = request.criterion
+    return crit is not None and baseline is not None and any(
+        not t.failed and t.metric is not None and crit.met(baseline, t.metric) for t in report.trials)

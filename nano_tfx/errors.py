@@ -21,3 +21,17 @@ class AccuracyCriterionNotMet(Exception):
             f"(baseline {report.metric_name}={report.baseline}); {len(report.trials)} trial(s), "
             f"stopped: {report.stop_reason}; best metric {best}"
         )
+
+
+class SpeedupNotMet(AccuracyCriterionNotMet):
+    """The model meets the accuracy bar but is not ``min_speedup`` times faster than FP32.
+
+    A subclass of ``AccuracyCriterionNotMet`` so code that keeps the best model on a missed bar
+    (the callback, the CLI's ``--keep-best``, the TFX Quantizer) treats both alike.
+    """
+
+    def __init__(self, best_model: Any, report: Any, min_speedup: float):
+        self.best_model = best_model
+        self.report = report
+        self.min_speedup = min_speedup
+        Exception.__init__(self, f"min_speedup={min_speedup:g} not met: {report.speed_summary()}")

@@ -23,6 +23,7 @@ class TrialRecord:
     batch: int | None = None
     size_bytes: int | None = None
     seconds: float = 0.0
+    speedup: float | None = None  # FP32 b1 ms / this trial's b1 ms, both timed when the trial ran
     status: TrialStatus = "ok"
     error: str | None = None  # one line, when status == "failed"
     traceback: str | None = None  # the full traceback of a failed trial (for bug reports)
@@ -59,12 +60,28 @@ class Report:
     chosen: int | None = None  # index into trials
     met: bool | None = None  # None: no accuracy control
     seconds: float = 0.0
+    # Speed, timed side by side in one process at the end of the call (nano_tfx.speed): the FP32
+    # reference's batch-1 ms and FP32 ms ÷ the returned model's ms (> 1: the model is faster).
     fp32_latency_ms: float | None = None
+    speedup: float | None = None
+    min_speedup: float | None = None  # the speed gate of the call (None: no gate)
+    side_by_side: dict | None = None  # every timed variant at batch 1 and the evaluation batch
     stop_reason: str | None = None
     # accelerator='auto': {trial index: batch-1 ms} of the finalists, re-timed side by side
     selection_latency_ms: dict | None = None
 
     # -- access ----------------------------------------------------------------------------
+    def speed_summary(self) -> str:
+        """"INT8 x ms vs FP32 y ms (z×)" for the returned model (batch 1, side by side)."""
+        from nano_tfx.speed import speed_text
+
+        ms = self.fp32_latency_ms / self.speedup if self.fp32_latency_ms and self.speedup else None
+        text = speed_text(self.precision if self.precision != "auto" else None, ms, self.fp32_latency_ms)
+        if self.min_speedup:
+            ok = self.speedup is not None and self.speedup >= self.min_speedup
+            text += f", min_speedup={self.min_speedup:g} {'met' if ok else 'NOT met'}"
+        return text
+
     @property
     def chosen_trial(self) -> TrialRecord | None:
         return None if self.chosen is None else self.trials[self.chosen]
@@ -101,7 +118,7 @@ class Report:
             return Report.from_json(f.read())
 
     # -- presentation ----------------------------------------------------------------------
-    _COLUMNS = ("#", "backend", "precision", "config", "metric", "passed", "latency b1 ms", "size KB", "seconds", "status")
+    _COLUMNS = ("#", "backend", "precision", "config", "metric", "passed", "latency b1 ms", "speedup", "size KB", "seconds", "status")
 
     def rows(self) -> list[list[str]]:
         def fmt(v, spec="{:.4f}"):
@@ -117,7 +134,7 @@ class Report:
             out.append([
                 f"{t.index}{mark}", t.backend, t.precision, text or "default", fmt(t.metric),
                 "" if t.passed is None else ("yes" if t.passed else "no"),
-                fmt(t.latency_ms, "{:.3f}"), fmt(None if t.size_bytes is None else t.size_bytes / 1024, "{:.1f}"),
+                fmt(t.latency_ms, "{:.3f}"), fmt(t.speedup, "{:.2f}×"), fmt(None if t.size_bytes is None else t.size_bytes / 1024, "{:.1f}"),
                 f"{t.seconds:.1f}", t.status if not t.failed else f"failed: {(t.error or '')[:120]}",
             ])
         return out
@@ -131,7 +148,7 @@ class Report:
             f"baseline {self.metric_name}={self.baseline:.4f}, criterion {self.criterion}, "
             if self.baseline is not None
             else ""
-        ) + f"met={self.met}, trials={len(self.trials)}, {self.seconds:.1f}s"
+        ) + f"met={self.met}, trials={len(self.trials)}, {self.seconds:.1f}s; {self.speed_summary()}"
         return "\n".join([summary, head, sep, *body])
 
     def to_html(self, plot_png_base64: str | None = None) -> str:
@@ -164,6 +181,9 @@ class Report:
             ax.scatter(lat, met, marker="*" if t.index == self.chosen else "o",
                        color="tab:green" if t.passed else "tab:red", s=80 if t.index == self.chosen else 30)
             ax.annotate(f"{t.backend}/{t.precision}#{t.index}", (lat, met), fontsize=7)
+        if self.fp32_latency_ms is not None and self.baseline is not None:  # the model being replaced
+            ax.scatter(self.fp32_latency_ms, self.baseline, marker="s", color="black", s=50, label="FP32")
+            ax.annotate(f"FP32 {self.fp32_latency_ms:.3g} ms", (self.fp32_latency_ms, self.baseline), fontsize=7)
         if self.baseline is not None:
             ax.axhline(self.baseline, color="gray", linestyle="--", label="FP32 baseline")
             ax.legend()

@@ -34,6 +34,8 @@ Run = Callable[[Sequence[np.ndarray]], object]
 DEFAULT_BUDGET_S = 3.0
 MIN_ROUNDS = 3
 MAX_ROUNDS = 40
+ENOUGH_CALLS = 300  # per variant: a fast model stops early, well inside the budget
+MAX_CALLS_PER_SLOT = 100
 SETTLE_S = 0.02
 
 
@@ -75,13 +77,14 @@ def _rounds(runs: Mapping[str, Run], x: list[np.ndarray], budget_s: float, settl
     samples: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
     done = 0
-    while done < MAX_ROUNDS and (done < MIN_ROUNDS or time.perf_counter() - start < budget_s):
+    while done < MAX_ROUNDS and (done < MIN_ROUNDS or (
+            time.perf_counter() - start < budget_s and min(map(len, samples.values())) < ENOUGH_CALLS)):
         order = names[done % len(names):] + names[:done % len(names)]
         for name in order:
             run = runs[name]
             time.sleep(settle_s)  # let the previous engine's spinning threads give the cores back
             run(x)  # wake this engine's threads; not measured
-            n = max(1, min(2000, int(slot_s / per_call[name])))
+            n = max(1, min(MAX_CALLS_PER_SLOT, int(slot_s / per_call[name])))
             for _ in range(n):
                 t = time.perf_counter()
                 run(x)

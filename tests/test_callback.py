@@ -35,6 +35,10 @@ def test_every_two_epochs_logs_keeps_best_and_saves(flavor, digits, tmp_path):
     assert len(cb.history) == 2 and [h["epoch"] for h in cb.history] == [2, 4]
     values = [h[name] for h in cb.history]
     assert all(0.0 <= v <= 1.0 for v in values) and all(h["int8_latency_ms"] > 0 for h in cb.history)
+    assert "int8_speedup" in logs and all(h["int8_speedup"] > 0 for h in cb.history)
+    rep = cb.quantized_model.report  # the kept (best) model's report: FP32 and INT8 side by side
+    kept = next(h for h in cb.history if h["epoch"] == cb.best_epoch)
+    assert rep.fp32_latency_ms > 0 and rep.speedup == pytest.approx(kept["int8_speedup"])
     best = max(range(2), key=lambda i: values[i])
     assert cb.best_epoch == cb.history[best]["epoch"] and cb.best_value == pytest.approx(values[best])
     loaded = nano_tfx.load(tmp_path / "best")

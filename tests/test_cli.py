@@ -118,8 +118,10 @@ def test_quantize_npz_with_accuracy_control_then_report(files, digits):
     rep = run("report", out, timeout=120)
     assert rep.returncode == 0, rep.stderr
     assert "| # | backend | precision |" in rep.stdout and "met=True" in rep.stdout
+    assert "ms vs FP32" in rep.stdout and "| speedup |" in rep.stdout
     as_json = run("report", os.path.join(out, "report.json"), "--format", "json", timeout=120)
-    assert json.loads(as_json.stdout)["backend"] == "inc"
+    data = json.loads(as_json.stdout)
+    assert data["backend"] == "inc" and data["fp32_latency_ms"] > 0 and data["speedup"] > 0
 
 
 def in_process(capfd, *args: str):
@@ -135,11 +137,28 @@ def in_process(capfd, *args: str):
 def test_quantize_tfrecord_on_onnxruntime(files, capfd):
     out = os.path.join(files["dir"], "q_tfrecord")
     code, stdout, stderr = in_process(capfd, "quantize", files["model"], "--calib", files["tfrecord"],
-                                      "--accelerator", "onnxruntime", "--output", out)
+                                      "--accelerator", "onnxruntime", "--output", out, "--min-speedup", "0.5")
     assert code == 0, stderr + stdout
     assert "[onnxruntime/int8" in stdout and "Quantized model: " + out in stdout
     with open(os.path.join(out, "nano_tfx.json")) as f:
         assert json.load(f)["backend"] == "onnxruntime"
+    report = nano_tfx_report(out)
+    assert report.min_speedup == 0.5 and report.speedup >= 0.5 and "min_speedup=0.5 met" in stdout
+    # An unreachable speed bar: exit 3 (not met), the report is kept beside the output.
+    code, stdout, stderr = in_process(capfd, "quantize", files["model"], "--calib", files["tfrecord"],
+                                      "--accelerator", "onnxruntime", "--output", out + "_slow",
+                                      "--min-speedup", "1e9")
+    assert code == 3 and "min_speedup=1e+09 not met" in stderr, stderr
+    assert os.path.isfile(out + "_slow.report.json")
+    code, _, stderr = in_process(capfd, "quantize", files["model"], "--calib", files["tfrecord"],
+                                 "--output", out + "_nan", "--min-speedup", "nan")
+    assert code == 2 and "min_speedup: expected" in stderr
+
+
+def nano_tfx_report(out: str):
+    import nano_tfx
+
+    return nano_tfx.load(out).report
 
 
 def test_bad_paths_fail_fast_with_one_line(paths):

@@ -43,6 +43,9 @@ def test_defaults_and_exec_properties():
     assert json.loads(props["accuracy_criterion"]) == {"absolute": 0.02, "higher_is_better": True}
     assert set(q.outputs) == {"quantized_model", "blessing", "report"}
     assert q.outputs["report"].type is QuantizationReport
+    assert props["min_speedup"] == 1.0  # never bless a model slower than FP32 by default
+    assert _quantizer(min_speedup=0).exec_properties["min_speedup"] == 0.0
+    assert _quantizer(min_speedup=None).exec_properties["min_speedup"] == 0.0  # None: no gate
 
 
 @pytest.mark.parametrize(
@@ -61,6 +64,10 @@ def test_defaults_and_exec_properties():
         ({"metric": 3}, r"metric: expected a non-empty string"),
         ({"tuning_strategy": "greedy"}, r"tuning_strategy: expected one of"),
         ({"accelerator": None, "precision": "bf16"}, r"precision: accelerator=None supports \['int8'\]"),
+        ({"min_speedup": float("nan")}, r"min_speedup: expected a finite number >= 0"),
+        ({"min_speedup": -0.5}, r"min_speedup: expected a finite number >= 0"),
+        ({"min_speedup": True}, r"min_speedup: expected a finite number >= 0"),
+        ({"min_speedup": "1.0"}, r"min_speedup: expected a finite number >= 0"),
     ],
 )
 def test_bad_parameters_rejected_at_construction(kwargs, match):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 
 import nano_tfx  # noqa: F401  (first: oneDNN on before TensorFlow is imported)
@@ -121,6 +122,12 @@ def test_inc_int8_blessed_and_serves_raw_examples(fp32, inc_run):
     assert nano_tfx.load(serving).backend == "inc"  # nano_tfx.load reads the same directory
     html = open(os.path.join(out, "report", "report.html")).read()
     assert "<table>" in html and "data:image/png;base64," in html and "TFX decision" in html
+    # Speed is measured and gated (the Quantizer's default min_speedup=1.0): never slower than FP32.
+    assert report["fp32_latency_ms"] > 0 and report["speedup"] >= 1.0 and report["min_speedup"] == 1.0
+    assert all(t["speedup"] > 0 for t in report["trials"])
+    assert re.search(r"INT8 [\d.]+ ms vs FP32 [\d.]+ ms \([\d.]+×\)", report["tfx"]["blessing_message"])
+    assert blessing.get_float_custom_property("speedup") == pytest.approx(report["speedup"])
+    assert "ms vs FP32" in html
 
 
 def test_previous_report_resumes_without_rerunning(fp32, inc_run, tmp_path):
@@ -136,6 +143,27 @@ def test_previous_report_resumes_without_rerunning(fp32, inc_run, tmp_path):
     b = tf.saved_model.load(os.path.join(outputs["quantized_model"].uri, "Format-Serving"))
     np.testing.assert_allclose(a.signatures["serving_default"](examples=x)["outputs"].numpy(),
                                b.signatures["serving_default"](examples=x)["outputs"].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("min_speedup, blessed", [(1e6, False), (0.0, True)])
+def test_speed_gate_blocks_a_slow_model_and_zero_switches_it_off(fp32, inc_run, tmp_path, min_speedup, blessed):
+    """Same reused trials (resume: no trial re-runs), re-judged against the speed bar: an
+    unreachable min_speedup is not blessed whatever the accuracy; 0.0 turns the gate off."""
+    first_out, (_, first) = inc_run
+    inputs = dict(fp32, previous_report=_artifact(QuantizationReport, os.path.join(first_out, "report")))
+    outputs, report = run_executor(fp32, str(tmp_path), inputs=inputs, min_speedup=min_speedup,
+                                   max_trials=len(first["trials"]))
+    assert [t["status"] for t in report["trials"]] == ["reused"] * len(first["trials"])
+    assert outputs["blessing"].get_int_custom_property("blessed") == int(blessed), report["tfx"]["blessing_message"]
+    assert os.path.exists(os.path.join(outputs["blessing"].uri, "BLESSED" if blessed else "NOT_BLESSED"))
+    assert report["fp32_latency_ms"] > 0 and report["speedup"] > 0
+    message = report["tfx"]["blessing_message"]
+    assert re.search(r"INT8 [\d.]+ ms vs FP32 [\d.]+ ms \([\d.]+×\)", message)
+    if not blessed:
+        assert "not 1e+06× as fast as FP32" in message and report["met"] is False
+        assert all(t["metric"] is not None for t in report["trials"])  # accurate, only too slow
+    else:
+        assert report["tfx"]["min_speedup"] == 0.0 and report["min_speedup"] is None
 
 
 def test_unreachable_evaluator_bar_is_not_blessed(fp32, tmp_path):

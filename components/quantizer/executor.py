@@ -9,7 +9,8 @@
    is one Beam pipeline with the component's ``beam_pipeline_args`` (Dask, Flink, Spark,
    Dataflow); on the local DirectRunner the trials run in-process (``tuning_runner``).
 5. Output: the chosen model in its server's layout (``serving.py``), ``blessing`` (BLESSED only
-   when every bar holds) and ``report`` (JSON of every trial + HTML). A ``previous_report`` of the
+   when every bar holds: accuracy, the Evaluator's bounds and ``min_speedup``, the quantized
+   model timed side by side with the FP32 signature it replaces) and ``report`` (JSON of every trial + HTML). A ``previous_report`` of the
    same model fingerprint and request lets finished trials be reused.
 """
 from __future__ import annotations
@@ -42,7 +43,10 @@ from components.quantizer.eval_result import (
     EvaluatorInfo, guess_higher_is_better, keras_metric_from_config, read_evaluation,
 )
 from components.quantizer.signatures import missing_signature_message
-from components.quantizer.validation import DEFAULT_ACCURACY_CRITERION, validate_accuracy_criterion
+from components.quantizer.validation import (
+    DEFAULT_ACCURACY_CRITERION, DEFAULT_MIN_SPEEDUP, validate_accuracy_criterion,
+)
+from nano_tfx.speed import check_min_speedup
 from nano_tfx.interchange import export_signature_as_default
 
 BLESSED_FILE = "BLESSED"
@@ -195,7 +199,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         tfx_info["fp32_fingerprint"] = fp32_fingerprint
         request_key = self._request_key(
             fp32_fingerprint, signature_name, accelerator, precision, metric_name, baseline, criterion, label_key,
-            sample_size, batch_size, exec_properties, _file_digest([sample_path]),
+            # min_speedup is left out: reused trials are judged against today's speed bar anyway
+            sample_size, batch_size, {k: v for k, v in exec_properties.items() if k != "min_speedup"},
+            _file_digest([sample_path]),
             _file_digest(eval_source.files()),
         )
         tfx_info["request_key"] = request_key
@@ -212,6 +218,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         )
         tfx_info["trial_parallelism"] = runner.parallelism
         tfx_info["tuning_runner"] = runner.description
+        raw_bar = exec_properties.get("min_speedup")
+        min_speedup = check_min_speedup(DEFAULT_MIN_SPEEDUP if raw_bar is None else raw_bar) or None
+        tfx_info["min_speedup"] = min_speedup or 0.0
         kwargs = dict(
             precision=precision, accelerator=accelerator, calib_dataset=calib, metric=metric,
             accuracy_criterion=criterion, tuning_strategy=exec_properties.get("tuning_strategy") or None,
@@ -219,12 +228,13 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             batch=batch_size, sample_size=sample_size, signature_name="serving_default",
             eval_dataset=eval_source, baseline=baseline, trial_runner=runner,
             previous_report=previous_report, workdir=os.path.join(tmp_dir, "nano_tfx"),
+            min_speedup=min_speedup,
         )
-        met = True
+        met, err_seen = True, None
         try:
             quantized = nano_tfx.quantize(quantizable, **kwargs)
         except nano_tfx.AccuracyCriterionNotMet as err:
-            quantized, met = err.best_model, False
+            quantized, met, err_seen = err.best_model, False, err
         report = quantized.report
         chosen = report.chosen_trial
         value = chosen.metric if chosen else None
@@ -233,15 +243,23 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             if ok:
                 value = (max if criterion["higher_is_better"] else min)(t.metric for t in ok)
         bounds_ok = value is not None and (lower is None or value >= lower) and (upper is None or value <= upper)
-        blessed = bool(met and bounds_ok)
+        # Never bless a model slower than min_speedup × FP32 (checked here too: the blessing is ours).
+        speed_ok = not min_speedup or (report.speedup is not None and report.speedup >= min_speedup)
+        blessed = bool(met and bounds_ok and speed_ok)
+        speed = report.speed_summary()
+        tfx_info.update(speedup=report.speedup, fp32_latency_ms=report.fp32_latency_ms)
         if blessed:
             message = (f"INT8 {metric_name}={value:.4f} vs FP32 {report.baseline:.4f}: within "
-                       f"{user_criterion} and the Evaluator's bounds [{lower}, {upper}]")
+                       f"{user_criterion} and the Evaluator's bounds [{lower}, {upper}]; {speed}")
+        elif not speed_ok or isinstance(err_seen, nano_tfx.SpeedupNotMet):
+            message = (f"{speed}: the quantized model is not {min_speedup:g}× as fast as FP32, so it is "
+                       f"not blessed (accuracy {metric_name}={value} vs FP32 {report.baseline}); "
+                       "push the FP32 model instead (see README, 'When the speed gate blocks')")
         elif not met:
             message = (f"no trial met {criterion} (baseline {metric_name}={report.baseline}); "
-                       f"best {value}; stopped: {report.stop_reason}")
+                       f"best {value}; stopped: {report.stop_reason}; {speed}")
         else:
-            message = f"INT8 {metric_name}={value} misses the Evaluator's bounds [{lower}, {upper}]"
+            message = f"INT8 {metric_name}={value} misses the Evaluator's bounds [{lower}, {upper}]; {speed}"
 
         # 5. Outputs ------------------------------------------------------------------------
         self._write_model(quantized, model_path, transform_graph.uri, out_model, info, tfx_info)
@@ -385,6 +403,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             blessing.set_float_custom_property("quantized_metric", float(int8_metric))
         if tfx_info.get("baseline") is not None:
             blessing.set_float_custom_property("fp32_metric", float(tfx_info["baseline"]))
+        for key in ("speedup", "fp32_latency_ms"):
+            if tfx_info.get(key) is not None:
+                blessing.set_float_custom_property(key, float(tfx_info[key]))
         fileio.makedirs(out_model.uri)
         if not blessed and not fileio.exists(os.path.join(out_model.uri, serving.SERVING_DIR)):
             io_utils.write_string_file(os.path.join(out_model.uri, "NOT_QUANTIZED.txt"), message + "\n")
@@ -408,7 +429,8 @@ def _report_html(report: Any, tfx_info: dict, tmp_dir: str) -> str:
     rows = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(tfx_info.get(k), default=str))}</td></tr>"
         for k in ("blessed", "blessing_message", "metric", "baseline", "int8_metric", "value_bounds",
-                  "user_criterion", "effective_criterion", "backend", "beam_runner", "tuning_runner", "trial_parallelism",
+                  "user_criterion", "effective_criterion", "min_speedup", "speedup", "fp32_latency_ms",
+                  "backend", "beam_runner", "tuning_runner", "trial_parallelism",
                   "resumed_from", "notes")
         if k in tfx_info
     )

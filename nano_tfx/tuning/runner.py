@@ -22,7 +22,7 @@ from nano_tfx.backends.base import AccuracyContext, BackendOptions, CalibrationD
 from nano_tfx.criterion import AccuracyCriterion
 from nano_tfx.interchange import SavedModelSource
 from nano_tfx.metrics import Evaluator
-from nano_tfx.timing import latency_ms, rows
+from nano_tfx.timing import rows
 
 log = logging.getLogger("nano_tfx")
 
@@ -45,6 +45,10 @@ class TrialJob:
     measure_latency: bool = True
     latency_batch: int | None = None
     want_mse: bool = False
+    # Time each trial side by side with the FP32 reference in the trial's process (its
+    # ``speedup``), and the speed gate each trial must pass (None: no per-trial gate, e.g. ``auto``).
+    compare_fp32: bool = True
+    min_speedup: float | None = None
     workdir: str | None = None
 
 
@@ -57,6 +61,7 @@ class TrialResult:
     latency_batch_ms: float | None = None
     size_bytes: int | None = None
     seconds: float = 0.0
+    speedup: float | None = None  # FP32 b1 ms / latency_ms, timed side by side in the trial's process
     status: str = "ok"  # "ok" | "reused" | "failed" (see nano_tfx.report.TrialStatus)
     error: str | None = None  # one line, when failed
     traceback: str | None = None
@@ -203,6 +208,31 @@ def check_outputs(job: TrialJob, candidate: Candidate) -> None:
         )
 
 
+TRIAL_TIMING_BUDGET_S = 1.5
+_FP32: dict[tuple, Any] = {}
+
+
+def _time_trial(job: TrialJob, candidate: Candidate, inputs: list, result: TrialResult) -> None:
+    """The trial's ms at batch 1 (and ``latency_batch``), timed side by side with the FP32
+    reference in this process (loaded once per process): its ``speedup`` holds up under load
+    that would swing two separately timed numbers apart."""
+    from nano_tfx.speed import side_by_side
+
+    runs = {"trial": candidate.run}
+    if job.compare_fp32:
+        key = (job.source.path, job.source.signature_key)
+        if key not in _FP32:
+            from nano_tfx.backends.tf_reference import TFSignatureCandidate
+
+            _FP32[key] = TFSignatureCandidate(job.source)
+        runs["fp32"] = _FP32[key].run
+    speed = side_by_side(runs, inputs, batch=job.latency_batch, budget_s=TRIAL_TIMING_BUDGET_S)
+    result.latency_ms = speed.b1_ms["trial"]
+    result.latency_batch_ms = speed.batch_ms.get("trial")
+    if job.compare_fp32:
+        result.speedup = round(speed.speedup("fp32", "trial"), 4)
+
+
 def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
     """Quantize with ``config``, check, evaluate, time, optionally save. Failures become data."""
     start = time.perf_counter()
@@ -223,10 +253,7 @@ def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
         if job.want_mse and job.evaluation is not None:
             result.output_mse = _output_mse(job, candidate)
         if job.measure_latency and job.calibration is not None:
-            first = next(iter(job.calibration))
-            result.latency_ms = latency_ms(candidate.run, rows(first, 1))
-            if job.latency_batch and job.latency_batch > 1:
-                result.latency_batch_ms = latency_ms(candidate.run, rows(first, job.latency_batch))
+            _time_trial(job, candidate, next(iter(job.calibration)), result)
         if job.artifact_root:
             out = os.path.join(job.artifact_root, trial_dir_name(config, job.backend, job.precision))
             from nano_tfx.result import write_model_dir

@@ -92,7 +92,8 @@ def _record(report: Report, job: TrialJob, result: TrialResult) -> TrialRecord:
         index=len(report.trials), key=result.config.key(), backend=job.backend, precision=job.precision,
         config=result.config.to_dict(), metric=result.metric, passed=result.passed,
         latency_ms=result.latency_ms, latency_batch_ms=result.latency_batch_ms, batch=job.latency_batch,
-        size_bytes=result.size_bytes, seconds=round(result.seconds, 3), status=result.status,  # type: ignore[arg-type]
+        size_bytes=result.size_bytes, seconds=round(result.seconds, 3), speedup=result.speedup,
+        status=result.status,  # type: ignore[arg-type]
         error=result.error, traceback=result.traceback,
         output_mse=result.output_mse, worker=result.worker, artifact_dir=result.artifact_dir,
     )
@@ -115,9 +116,16 @@ def _reused(previous: Report | None, job: TrialJob, config: TrialConfig) -> Tria
         return None  # a winner must be re-run when its model is gone
     return TrialResult(
         config, metric=rec.metric, passed=passed, latency_ms=rec.latency_ms,
-        latency_batch_ms=rec.latency_batch_ms, size_bytes=rec.size_bytes, seconds=0.0,
+        latency_batch_ms=rec.latency_batch_ms, size_bytes=rec.size_bytes, seconds=0.0, speedup=rec.speedup,
         status="reused", output_mse=rec.output_mse, worker=rec.worker, artifact_dir=rec.artifact_dir,
     )
+
+
+def _judge_speed(job: TrialJob, result: TrialResult) -> None:
+    """Under a per-trial speed gate a slower trial does not pass, whatever its accuracy (a
+    reused trial is judged against today's gate too)."""
+    if job.min_speedup and result.passed and (result.speedup is None or result.speedup < job.min_speedup):
+        result.passed = False
 
 
 def _open(state: _State, strategy: str | None, report: Report, strict: bool) -> bool:
@@ -171,6 +179,7 @@ def _step(state: _State, report: Report, budget: Budget, runner: TrialRunner, pr
         results.extend(runner.run(job, to_run))
     passing = []
     for res in results:
+        _judge_speed(job, res)
         rec = _record(report, job, res)
         budget.trials += 1
         state.trials += 1
@@ -180,6 +189,7 @@ def _step(state: _State, report: Report, budget: Budget, runner: TrialRunner, pr
             state.best_score, outcome.best, outcome.best_index = score, res, rec.index
         elif outcome.best is None and not res.failed:
             outcome.best, outcome.best_index = res, rec.index  # no metric: the only trial
+        # Without accuracy control the one trial is returned; the API checks its speed side by side.
         if (res.passed if state.controlled else not res.failed):
             passing.append((res, rec.index))
         for hook in hooks:
