@@ -8,7 +8,10 @@ Transform/Trainer module and its defaults, and calls ``build_pipeline``::
 The Evaluator blesses the FP32 model (value bar on the overall slice, and no regression vs. the
 latest blessed model); the Quantizer only quantizes a blessed model and blesses the INT8 model
 only when it meets ``accuracy_criterion`` *and* the Evaluator's bar; the Pusher pushes the
-*quantized* model, only when the Quantizer blessed it.
+*quantized* model, only when the Quantizer blessed it. The Quantizer also refuses (by default)
+a model slower than the FP32 one (``min_speedup``); with ``fp32_serving_model_dir`` a second
+Pusher pushes the FP32 model on the Evaluator's blessing, so a blocked INT8 model still leaves a
+servable model (see README, "When the speed gate blocks").
 """
 from __future__ import annotations
 
@@ -71,6 +74,7 @@ def build_pipeline(
     beam_pipeline_args: Optional[Sequence[str]] = None,
     enable_cache: bool = True,
     with_quantizer: bool = True,
+    fp32_serving_model_dir: Optional[str] = None,
     **quantizer_params: Any,
 ) -> tfx.dsl.Pipeline:
     """The shared pipeline body (see the module docstring).
@@ -83,6 +87,8 @@ def build_pipeline(
     Kubeflow v2 compiles only TFX's built-in strategies, so its runners pass
     ``tfx.dsl.experimental.LatestArtifactStrategy``. ``metadata_path`` is None for orchestrators
     with their own metadata store (Kubeflow). ``with_quantizer=False`` stops after the Evaluator.
+    ``fp32_serving_model_dir`` (default None: off) adds a Pusher of the FP32 model on the
+    Evaluator's blessing to that directory: the fallback when the Quantizer does not bless.
     """
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
     schema_gen = tfx.components.SchemaGen(
@@ -114,6 +120,14 @@ def build_pipeline(
         eval_config=make_eval_config(label_key, accuracy_threshold, change_threshold),
     )
     components = [example_gen, statistics_gen, schema_gen, transform, trainer, model_resolver, evaluator]
+    if fp32_serving_model_dir:
+        components.append(tfx.components.Pusher(
+            model=trainer.outputs["model"],
+            model_blessing=evaluator.outputs["blessing"],
+            push_destination=tfx.proto.PushDestination(
+                filesystem=tfx.proto.PushDestination.Filesystem(base_directory=fp32_serving_model_dir)
+            ),
+        ).with_id("fp32_pusher"))
 
     if with_quantizer:
         previous_report = None

@@ -75,6 +75,23 @@ def test_bad_parameters_rejected_at_construction(kwargs, match):
         _quantizer(**kwargs)
 
 
+def test_pipeline_can_push_fp32_when_the_quantizer_does_not_bless(tmp_path):
+    """The documented fallback: a second Pusher of the FP32 model on the Evaluator's blessing."""
+    from pipelines.penguin.pipeline import create_pipeline
+
+    args = ("p", str(tmp_path / "root"), str(tmp_path / "serving"), str(tmp_path / "md.db"))
+    off = create_pipeline(*args)
+    assert "fp32_pusher" not in {c.id for c in off.components}
+    on = create_pipeline(*args, fp32_serving_model_dir=str(tmp_path / "fp32"), min_speedup=1.5)
+    pushers = {c.id: c for c in on.components if c.id in ("Pusher", "fp32_pusher")}
+    assert set(pushers) == {"Pusher", "fp32_pusher"}
+    fp32 = pushers["fp32_pusher"]
+    assert fp32.inputs["model"].producer_component_id == "Trainer"
+    assert fp32.inputs["model_blessing"].producer_component_id == "Evaluator"
+    assert pushers["Pusher"].inputs["model_blessing"].producer_component_id == "Quantizer"
+    assert next(c for c in on.components if c.id == "Quantizer").exec_properties["min_speedup"] == 1.5
+
+
 def test_bad_parameters_rejected_when_building_the_pipeline(tmp_path):
     from pipelines.penguin.pipeline import create_pipeline
 

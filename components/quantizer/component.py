@@ -87,7 +87,7 @@ class Quantizer(base_beam_component.BaseBeamComponent):
       min_speedup: the blessed model must be at least this many times faster than the FP32
         signature it replaces (batch 1, timed side by side in the executor); default 1.0: never
         bless a slower model. 0 or None: no speed gate (the speed-up is still reported). When
-        the gate blocks, push the FP32 model instead (``build_pipeline(push_fp32_when_not_quantized=True)``).
+        the gate blocks, push the FP32 model instead (``build_pipeline(fp32_serving_model_dir=...)``).
     """
 
     SPEC_CLASS = QuantizerSpec

@@ -50,6 +50,8 @@ def create_pipeline(
     beam_pipeline_args: Optional[Sequence[str]] = None,
     enable_cache: bool = True,
     with_quantizer: bool = True,
+    min_speedup: float | None = 1.0,
+    fp32_serving_model_dir: str | None = None,
 ) -> tfx.dsl.Pipeline:
     """The digits pipeline; every knob is an argument (runners, the CLI and tests set them).
 
@@ -74,6 +76,9 @@ def create_pipeline(
       beam_pipeline_args: Beam args of every Beam-based component.
       enable_cache: TFX caching of unchanged component runs.
       with_quantizer: False stops after the Evaluator (the FP32 pipeline).
+      min_speedup: the Quantizer's speed gate (default 1.0: never bless a model slower than FP32).
+      fp32_serving_model_dir: also push the FP32 model on the Evaluator's blessing here (the
+        fallback when the Quantizer's accuracy or speed gate blocks); default None: off.
     """
     example_gen = tfx.components.CsvExampleGen(
         input_base=data_root,

@@ -76,6 +76,8 @@ def create_pipeline(
     beam_pipeline_args: Sequence[str] | None = None,
     enable_cache: bool = True,
     with_quantizer: bool = True,
+    min_speedup: float | None = 1.0,
+    fp32_serving_model_dir: str | None = None,
 ) -> tfx.dsl.Pipeline:
     """The penguin pipeline; every knob is an argument (runners and tests set them).
 
