@@ -80,3 +80,19 @@ def test_min_speedup_is_checked_before_any_work(keras3_cnn, bad):
 
     with pytest.raises(ValueError, match="min_speedup: expected a finite number >= 0"):
         nano_tfx.quantize(keras3_cnn, calib_dataset=np.zeros((4, 8, 8, 1), np.float32), min_speedup=bad)
+
+
+def test_report_shows_speed_in_table_html_and_plot(tmp_path):
+    from nano_tfx.report import Report, TrialRecord
+
+    rep = Report(backend="onnxruntime", precision="int8", metric_name="accuracy", baseline=0.9,
+                 fp32_latency_ms=6.0, speedup=3.0, min_speedup=1.0, chosen=0,
+                 trials=[TrialRecord(index=0, key="k", backend="onnxruntime", precision="int8", config={},
+                                     metric=0.89, passed=True, latency_ms=2.1, speedup=2.857)])
+    summary = rep.table().splitlines()[0]
+    assert "INT8 2.000 ms vs FP32 6.000 ms (3.00×), min_speedup=1 met" in summary
+    assert "| 2.86× |" in rep.table()
+    assert "INT8 2.000 ms vs FP32 6.000 ms (3.00×)" in rep.to_html()
+    assert rep.plot_png(str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size > 0
+    slow = Report(backend="inc", precision="int8", fp32_latency_ms=30.2, speedup=30.2 / 33.4, min_speedup=1.0)
+    assert slow.speed_summary() == "INT8 33.400 ms vs FP32 30.200 ms (0.90×), min_speedup=1 NOT met"

@@ -199,8 +199,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         tfx_info["fp32_fingerprint"] = fp32_fingerprint
         request_key = self._request_key(
             fp32_fingerprint, signature_name, accelerator, precision, metric_name, baseline, criterion, label_key,
-            # min_speedup is left out: reused trials are judged against today's speed bar anyway
-            sample_size, batch_size, {k: v for k, v in exec_properties.items() if k != "min_speedup"},
+            # Left out: what bounds or judges the search, not what a trial computes (reused trials
+            # are judged against today's speed bar, and the budget is today's).
+            sample_size, batch_size,
+            {k: v for k, v in exec_properties.items() if k not in ("min_speedup", "max_trials", "timeout")},
             _file_digest([sample_path]),
             _file_digest(eval_source.files()),
         )
