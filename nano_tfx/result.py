@@ -56,8 +56,11 @@ _MODEL_FILES = {"inc": ("int8_graph.pb",), "onnxruntime": ("model.onnx",), "open
 
 
 def _damaged(directory: str, name: str, why: Any) -> ValueError:
-    line = next((ln.strip() for ln in str(why).strip().splitlines() if ln.strip()), type(why).__name__)
-    return ValueError(f"path: {directory!r} is a damaged nano-tfx model: {name} {line}")
+    # Engines put the useful part anywhere (OpenVINO's first line is just "core.cpp:90:"): keep
+    # every line that says something, briefly.
+    lines = [ln.strip() for ln in str(why).strip().splitlines() if len(ln.strip().rstrip(":")) > 3]
+    text = " / ".join(lines) or type(why).__name__
+    return ValueError(f"path: {directory!r} is a damaged nano-tfx model: {name} {text[:400]}")
 
 
 def read_manifest(directory: str) -> dict:
