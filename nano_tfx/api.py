@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from nano_tfx.backends.base import BackendOptions, backend_class, backend_names
 from nano_tfx.criterion import AccuracyCriterion
-from nano_tfx.data import make_batches
+from nano_tfx.data import SpooledSource, make_batches
 from nano_tfx.errors import AccuracyCriterionNotMet, SpeedupNotMet
 from nano_tfx.interchange import SavedModelSource, to_saved_model
 from nano_tfx.metrics import check_metric_value, make_evaluator
@@ -250,17 +250,19 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     calib = None
     if data is not None:
         calib = make_batches(data, source.inputs, y=y, sample_size=request.sample_size,
-                             argument="calib_dataset" if y is None else "x")
-        calib.check()  # shape / dtype / emptiness errors before any backend work
+                             argument="calib_dataset" if y is None else "x", check_finite=True)
+        calib.scan()  # shape / dtype / emptiness / NaN errors before any backend work (<= sample_size rows)
     evaluation = None
     if evaluator is not None:
-        eval_source = eval_dataset if eval_dataset is not None else data
+        eval_source, eval_y = (eval_dataset, None) if eval_dataset is not None else (data, y)
+        if calib is not None and eval_source is data and isinstance(calib.source, SpooledSource):
+            eval_source, eval_y = calib.source, None  # a one-shot generator: its spool serves both roles
         if eval_source is None and evaluator.needs_labels:
             raise ValueError("calib_dataset: a metric needs labelled data to evaluate on")
         if eval_source is not None:
-            evaluation = make_batches(eval_source, source.inputs, y=None if eval_dataset is not None else y,
-                                      batch=request.batch,
-                                      argument="eval_dataset" if eval_dataset is not None else "calib_dataset")
+            evaluation = make_batches(eval_source, source.inputs, y=eval_y, batch=request.batch,
+                                      argument="eval_dataset" if eval_dataset is not None else "calib_dataset",
+                                      check_finite=True)
             if evaluator.needs_labels and not evaluation.has_labels():
                 raise ValueError(
                     f"metric: {evaluator.name!r} needs labels, but the evaluation data has none; give (x, y) data"

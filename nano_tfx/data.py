@@ -13,6 +13,7 @@ import abc
 import os
 import shutil
 import tempfile
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -102,39 +103,50 @@ class _CallableSource(BatchSource):
             yield _split_element(element)
 
 
-class _SpooledSource(BatchSource):
-    """A one-shot iterator: the first pass streams it and writes each element to disk, later
-    passes read the files back. Memory stays at one element."""
+class SpooledSource(BatchSource):
+    """A one-shot iterator, teed to disk: every element read from it is written to a spool
+    folder, and each pass first replays the spooled elements, then goes on pulling from the live
+    iterator. A pass that stops early (the first-batch check, a ``sample_size`` cap) loses
+    nothing, an endless generator is only read as far as needed, and memory stays at one element.
+    The folder is removed with the source (or at interpreter exit)."""
 
     def __init__(self, iterator: Iterator, batched: bool | None):
         self.iterator = iterator
         self.batched = True if batched is None else batched
         self.dir: str | None = None
         self.count = 0
-        self.done = False
+        self.exhausted = False
+
+    def _spool(self, x: Any, y: Any) -> None:
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="nano_tfx_spool_")
+            weakref.finalize(self, shutil.rmtree, self.dir, True)
+        xs = np.empty((), dtype=object)
+        xs[()] = x
+        ys = np.empty((), dtype=object)
+        ys[()] = y
+        np.savez(os.path.join(self.dir, f"{self.count}.npz"), x=xs, y=ys)
+        self.count += 1
 
     def batches(self) -> Iterator[Batch]:
-        if self.done:
-            for i in range(self.count):
-                with np.load(os.path.join(self.dir, f"{i}.npz"), allow_pickle=True) as f:
+        i = 0
+        while True:
+            if i < self.count:
+                with np.load(os.path.join(self.dir, f"{i}.npz"), allow_pickle=True) as f:  # our own files
                     yield f["x"][()], f["y"][()]
-            return
-        self.dir = tempfile.mkdtemp(prefix="nano_tfx_spool_")
-        for element in self.iterator:
-            x, y = _split_element(element)
-            x, y = _to_numpy(x), _to_numpy(y)
-            xs = np.empty((), dtype=object)
-            xs[()] = x
-            ys = np.empty((), dtype=object)
-            ys[()] = y
-            np.savez(os.path.join(self.dir, f"{self.count}.npz"), x=xs, y=ys)
-            self.count += 1
-            yield x, y
-        self.done = True
-
-    def __del__(self):
-        if self.dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            elif self.exhausted:
+                return
+            else:
+                try:
+                    element = next(self.iterator)
+                except StopIteration:
+                    self.exhausted = True
+                    return
+                x, y = _split_element(element)
+                x, y = _to_numpy(x), _to_numpy(y)
+                self._spool(x, y)
+                yield x, y
+            i += 1
 
 
 def _flat(x: Any) -> list:
@@ -182,12 +194,23 @@ class ModelBatches:
         batch: int | None = None,
         sample_size: int | None = None,
         argument: str = "calib_dataset",
+        check_finite: bool = False,
     ):
         self.source = source
         self.inputs = tuple(inputs)
         self.batch = batch
         self.sample_size = sample_size
         self.argument = argument
+        #: refuse NaN/inf inputs (calibration and evaluation data; not predict/evaluate)
+        self.check_finite = check_finite
+        self._tally: dict[str, int] | None = None  # scan(): count over the whole stream first
+
+    def _nonfinite_error(self, counts: Mapping[str, int]) -> ValueError:
+        where = ", ".join(f"input {name!r} holds {n} non-finite value(s)" for name, n in counts.items())
+        return ValueError(
+            f"{self.argument}: {where} (NaN/inf); quantization would calibrate or evaluate on them - "
+            "drop or clean those samples first"
+        )
 
     # -- fitting one element ---------------------------------------------------------------
     def _order(self, x: Any) -> list[np.ndarray]:
@@ -229,6 +252,15 @@ class ModelBatches:
                         f"{self.argument}: input {info.name!r} expects dtype {info.dtype}, got {a.dtype}"
                     )
                 a = a.astype(info.dtype)
+            # tf.data and np.frombuffer hand out read-only arrays; engines that borrow the buffer
+            # (OpenVINO's shared tensors) need it writeable and C-contiguous: copy only then.
+            a = np.require(a, requirements=("C", "W")) if a.dtype != object else a
+            if self.check_finite and a.dtype.kind == "f":
+                bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+                if bad and self._tally is not None:
+                    self._tally[info.name] = self._tally.get(info.name, 0) + bad
+                elif bad:
+                    raise self._nonfinite_error({info.name: bad})
             out.append(a)
         return out
 
@@ -292,7 +324,22 @@ class ModelBatches:
         return self.check()[1] is not None
 
     def with_options(self, batch: int | None = None, sample_size: int | None = None) -> "ModelBatches":
-        return ModelBatches(self.source, self.inputs, batch, sample_size, self.argument)
+        return ModelBatches(self.source, self.inputs, batch, sample_size, self.argument, self.check_finite)
+
+    def scan(self) -> int:
+        """Read every batch once (shape, dtype and, with ``check_finite``, NaN/inf errors up
+        front, before any backend work); returns the number of samples."""
+        self._tally = {} if self.check_finite else None
+        try:
+            total = sum(len(xs[0]) for xs, _ in self)
+            tally = self._tally
+        finally:
+            self._tally = None
+        if tally:
+            raise self._nonfinite_error(tally)
+        if total == 0:
+            raise ValueError(f"{self.argument}: the data is empty")
+        return total
 
     def calibration(self, batch: int = 32) -> "InputBatches":
         """Inputs only, for calibration. Unbatched data is grouped ``batch`` at a time: the
@@ -300,7 +347,8 @@ class ModelBatches:
         if self.source.batched or self.batch:
             return InputBatches(self)
         size = min(batch, self.sample_size or batch)
-        return InputBatches(ModelBatches(self.source, self.inputs, size, self.sample_size, self.argument))
+        return InputBatches(ModelBatches(self.source, self.inputs, size, self.sample_size, self.argument,
+                                         self.check_finite))
 
 
 class InputBatches(CalibrationData):
@@ -346,12 +394,13 @@ def make_batches(
     batch: int | None = None,
     sample_size: int | None = None,
     argument: str = "calib_dataset",
+    check_finite: bool = False,
 ) -> ModelBatches:
     """Adapt any supported data object to ``ModelBatches`` for a model with ``inputs``."""
     if data is None:
         raise ValueError(f"{argument}: calibration data is required (a tf.data.Dataset, arrays or a generator)")
     if isinstance(data, ModelBatches):
-        return data.with_options(batch or data.batch, sample_size)
+        return ModelBatches(data.source, inputs, batch or data.batch, sample_size, argument, check_finite)
     if isinstance(data, BatchSource):
         source = data
     elif _is_dataset(data):
@@ -361,11 +410,13 @@ def make_batches(
     elif callable(data) and not hasattr(data, "shape"):
         source = _CallableSource(data, None)
     elif isinstance(data, Iterator):
-        source = _SpooledSource(data, None)
+        source = SpooledSource(data, None)
     else:
         x = data
-        if y is None and isinstance(data, tuple) and len(data) == 2 and len(inputs) == 1:
-            x, y = data
+        if y is None and isinstance(data, tuple) and len(data) == 2 and (
+            len(inputs) == 1 or isinstance(data[0], (Mapping, list, tuple))
+        ):
+            x, y = data  # (x, y); a multi-input model's x is a dict or a list of arrays
         try:
             source = _ArraySource(x, y, batch or 1)
         except (TypeError, IndexError) as err:
@@ -381,4 +432,4 @@ def make_batches(
         raise ValueError(f"batch: expected a positive int, got {batch!r}")
     if sample_size is not None and (isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1):
         raise ValueError(f"sample_size: expected a positive int, got {sample_size!r}")
-    return ModelBatches(source, inputs, batch, sample_size, argument)
+    return ModelBatches(source, inputs, batch, sample_size, argument, check_finite)

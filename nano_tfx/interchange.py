@@ -248,7 +248,13 @@ def describe_saved_model(
 
     if not is_saved_model_dir(path):
         raise ValueError(f"model: {path!r} is not a SavedModel directory (no saved_model.pb)")
-    loaded = tf.saved_model.load(os.fspath(path))
+    try:
+        loaded = tf.saved_model.load(os.fspath(path))
+    except Exception as err:  # noqa: BLE001 - TF's message names no argument ("tags=", "0 MetaGraphs")
+        line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise ValueError(
+            f"model: {path!r} is not a readable SavedModel (saved_model.pb or variables/ damaged?): {line}"
+        ) from err
     if signature_key not in loaded.signatures:
         raise ValueError(
             f"signature_name: SavedModel {path!r} has no signature {signature_key!r}; "

@@ -9,6 +9,7 @@ never leaves a half-written model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ import numpy as np
 from nano_tfx.backends.base import BackendOptions, Candidate, TrialConfig, backend_class
 from nano_tfx.interchange import TensorInfo
 
+log = logging.getLogger("nano_tfx")
+
 MANIFEST = "nano_tfx.json"
 REPORT = "report.json"
 FORMAT_VERSION = 1
@@ -27,7 +30,7 @@ FORMAT_VERSION = 1
 
 def write_model_dir(directory: str, candidate: Candidate, inputs: Sequence[TensorInfo],
                     outputs: Sequence[TensorInfo], config: TrialConfig | None, backend: str,
-                    report: Any = None) -> None:
+                    report: Any = None, compile_config: dict | None = None) -> None:
     """Backend files + manifest (+ report) into an existing empty ``directory``."""
     os.makedirs(directory, exist_ok=True)
     candidate.save(directory)
@@ -39,6 +42,7 @@ def write_model_dir(directory: str, candidate: Candidate, inputs: Sequence[Tenso
         "outputs": [t.to_dict() for t in outputs],
         "config": config.to_dict() if config else None,
         "backend_info": candidate.manifest_info(),
+        "compile": compile_config,
     }
     with open(os.path.join(directory, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2, default=str)
@@ -47,33 +51,102 @@ def write_model_dir(directory: str, candidate: Candidate, inputs: Sequence[Tenso
             f.write(report.to_json())
 
 
+#: the files each backend's model lives in (named when a saved folder is damaged)
+_MODEL_FILES = {"inc": ("int8_graph.pb",), "onnxruntime": ("model.onnx",), "openvino": ("model.xml", "model.bin")}
+
+
+def _damaged(directory: str, name: str, why: Any) -> ValueError:
+    # Engines put the useful part anywhere (OpenVINO's first line is just "core.cpp:90:"): keep
+    # every line that says something, briefly.
+    lines = [ln.strip() for ln in str(why).strip().splitlines() if len(ln.strip().rstrip(":")) > 3]
+    text = " / ".join(lines) or type(why).__name__
+    return ValueError(f"path: {directory!r} is a damaged nano-tfx model: {name} {text[:400]}")
+
+
 def read_manifest(directory: str) -> dict:
+    """The folder's ``nano_tfx.json``, checked: a clear ``ValueError`` naming the folder and the
+    file for anything that is not a manifest this version can read."""
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         raise ValueError(f"path: {directory!r} is not a nano-tfx model (no {MANIFEST})")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(directory, MANIFEST, f"is not valid JSON ({err})") from err
+    if not isinstance(manifest, dict):
+        raise _damaged(directory, MANIFEST, f"holds a {type(manifest).__name__}, expected an object")
+    missing = [k for k in ("format", "backend", "inputs", "outputs") if k not in manifest]
+    if missing:
+        raise _damaged(directory, MANIFEST, f"lacks {missing}")
+    version = manifest["format"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _damaged(directory, MANIFEST, f"has an invalid format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"path: {directory!r} was written in nano-tfx model format {version}; this nano-tfx reads "
+            f"format {FORMAT_VERSION} and older: upgrade nano-tfx to load it"
+        )
+    if manifest["backend"] not in _MODEL_FILES:
+        raise _damaged(directory, MANIFEST, f"names an unknown backend {manifest['backend']!r}")
+    try:
+        [TensorInfo.from_dict(t) for t in list(manifest["inputs"]) + list(manifest["outputs"])]
+    except (KeyError, TypeError, ValueError) as err:
+        raise _damaged(directory, MANIFEST, f"has malformed inputs/outputs ({err!r})") from err
+    return manifest
 
 
-def atomic_dir(target: str, write: Callable[[str], None]) -> None:
-    """Run ``write(tmpdir)`` next to ``target``, then swap it into place."""
+def is_model_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_dir(target: str, write: Callable[[str], None], overwrite: bool = True,
+               replaceable: Callable[[str], bool] = is_model_dir) -> None:
+    """Run ``write(tmpdir)`` next to ``target``, then swap it into place.
+
+    Only an empty directory or one ``replaceable`` says is ours (a nano-tfx model) is replaced,
+    and only with ``overwrite``; anything else at ``target`` is refused untouched. The new folder
+    gets the umask's normal mode (not ``mkdtemp``'s 0700: a model server may run as another user).
+    """
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError(f"path: expected a directory path for the model, got {target!r}")
     target = os.path.abspath(target)
-    parent = os.path.dirname(target) or "."
+    if os.path.lexists(target):
+        if not os.path.isdir(target) or os.path.islink(target):
+            raise ValueError(f"path: {target!r} exists and is not a directory; nano-tfx saves a model as a directory")
+        if os.listdir(target):
+            if not replaceable(target):
+                raise ValueError(
+                    f"path: {target!r} is a non-empty directory that is not a nano-tfx model; "
+                    "refusing to replace it (choose a new or empty directory)"
+                )
+            if not overwrite:
+                raise ValueError(f"path: {target!r} already holds a model (pass overwrite=True to replace it)")
+    parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    old = None
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         write(tmp)
-        old = None
         if os.path.exists(target):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
             os.rmdir(old)
             os.replace(target, old)
         os.replace(tmp, target)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old and not os.path.exists(target) and os.path.exists(old):
+            os.replace(old, target)  # put the previous model back
         raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class _RunCandidate(Candidate):
@@ -105,6 +178,7 @@ class QuantizedModel:
         self.precision = candidate.precision
         self._loss = None
         self._metrics: list = []
+        self._compile_config: dict | None = None
         self._single_input = len(self.inputs) == 1
         self._dtypes = [np.dtype(t.dtype) if t.dtype != "object" else None for t in self.inputs]
         if workdir:  # temporary trial files live as long as this object
@@ -174,11 +248,16 @@ class QuantizedModel:
 
     # -- evaluation ------------------------------------------------------------------------
     def compile(self, loss: Any = None, metrics: Any = None, **kwargs: Any) -> None:
-        """Set what ``evaluate`` reports (like Keras; optimizer arguments are ignored)."""
+        """Set what ``evaluate`` reports (like Keras; optimizer arguments are ignored). Kept by
+        ``save``/``load`` as Keras configs; an object Keras cannot serialise is dropped from the
+        saved model with a warning."""
         from nano_tfx.metrics import make_evaluator
 
+        metrics = list(metrics or [])
+        self._metrics = [make_evaluator(m) for m in metrics]
         self._loss = loss
-        self._metrics = [make_evaluator(m) for m in (metrics or [])]
+        self._compile_config = {"loss": compile_entry(loss, "loss"),
+                                "metrics": [e for e in (compile_entry(m, "metric") for m in metrics) if e is not None]}
 
     def evaluate(self, x: Any = None, y: Any = None, batch_size: int | None = None, verbose: Any = 0,
                  metric: Any = None, return_dict: bool = False, **kwargs: Any) -> Any:
@@ -203,10 +282,20 @@ class QuantizedModel:
         return flat[0] if len(flat) == 1 else flat
 
     # -- persistence -----------------------------------------------------------------------
-    def save(self, path: str) -> None:
-        """Write the model to ``path`` (replaced atomically); ``nano_tfx.load(path)`` reads it."""
+    def save(self, path: str, overwrite: bool = True) -> None:
+        """Write the model to the directory ``path``; ``nano_tfx.load(path)`` reads it back.
+
+        Args:
+            path: a new or empty directory, or one holding a nano-tfx model (replaced atomically
+                when ``overwrite``). Anything else there is refused with a ``ValueError`` and left
+                untouched.
+            overwrite: replace a nano-tfx model already at ``path`` (Keras' default, True).
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"path: expected a directory path, got {type(path).__name__}")
         atomic_dir(os.fspath(path), lambda tmp: write_model_dir(
-            tmp, self._candidate, self.inputs, self.outputs, self.config, self.backend, self.report))
+            tmp, self._candidate, self.inputs, self.outputs, self.config, self.backend, self.report,
+            compile_config=self._compile_config), overwrite=overwrite)
 
 
 def _is_batched_source(x: Any) -> bool:
@@ -240,20 +329,112 @@ class _MeanLoss:
 
 def load(path: str, thread_num: int | None = None, onnxruntime_session_options: Any = None,
          openvino_config: Mapping[str, Any] | None = None) -> QuantizedModel:
-    """Load a model written by ``QuantizedModel.save`` — no FP32 model needed."""
+    """Load a model written by ``QuantizedModel.save`` — no FP32 model needed.
+
+    Args:
+        path: the model directory.
+        thread_num: inference threads (ONNX Runtime, OpenVINO, TensorFlow session).
+        onnxruntime_session_options: an ``onnxruntime.SessionOptions`` for ONNX Runtime models.
+        openvino_config: OpenVINO compile properties for OpenVINO models.
+
+    Returns:
+        The ``QuantizedModel``, compiled with the loss/metrics it was saved with.
+
+    Raises:
+        ValueError: ``path`` is not a nano-tfx model, or names the damaged file of one.
+    """
     from nano_tfx.report import Report
 
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"path: expected a model directory, got {path!r}")
     path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"path: {path!r} is not a directory (a nano-tfx model is one)")
     manifest = read_manifest(path)
     options = BackendOptions(thread_num=thread_num, onnxruntime_session_options=onnxruntime_session_options,
                              openvino_config=openvino_config)
     backend = backend_class(manifest["backend"])(options)
-    candidate = backend.load(path, manifest)
+    files = _MODEL_FILES[manifest["backend"]]
+    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise _damaged(path, missing[0], "is missing")
+    try:
+        candidate = backend.load(path, manifest)
+    except Exception as err:  # noqa: BLE001 - whatever the engine says, name the folder and file
+        raise _damaged(path, " / ".join(files), f"cannot be loaded by {manifest['backend']}: {err}") from err
+    report = None
     report_path = os.path.join(path, REPORT)
-    report = Report.load(report_path) if os.path.isfile(report_path) else None
-    config = TrialConfig.from_dict(manifest["config"]) if manifest.get("config") else None
-    return QuantizedModel(
+    if os.path.isfile(report_path):
+        try:
+            report = Report.load(report_path)
+        except Exception as err:  # noqa: BLE001 - the report is not needed to run the model
+            log.warning("nano-tfx: %s is damaged (%s); the model loads without its report", report_path, err)
+    try:
+        config = TrialConfig.from_dict(manifest["config"]) if manifest.get("config") else None
+    except (AttributeError, TypeError, ValueError) as err:
+        raise _damaged(path, MANIFEST, f"has a malformed config ({err!r})") from err
+    model = QuantizedModel(
         candidate, report=report, config=config, backend=manifest["backend"],
         inputs=[TensorInfo.from_dict(t) for t in manifest["inputs"]],
         outputs=[TensorInfo.from_dict(t) for t in manifest["outputs"]],
     )
+    compiled = manifest.get("compile") or {}
+    if compiled:
+        model.compile(loss=_from_entry(compiled.get("loss"), "loss"),
+                      metrics=[m for m in (_from_entry(e, "metric") for e in compiled.get("metrics") or []) if m is not None])
+    return model
+
+
+# -- compile configuration across save/load (Keras configs, never pickles) ----------------------
+def _keras_module(flavor: str):
+    import importlib
+
+    return importlib.import_module("tf_keras" if flavor == "tf_keras" else "keras")
+
+
+def _flavor(obj: Any) -> str:
+    module = getattr(obj, "__module__", None) or type(obj).__module__ or ""
+    if not module.startswith("tf_keras"):
+        module = type(obj).__module__ or ""
+    return "tf_keras" if module.startswith("tf_keras") else "keras"
+
+
+def _from_entry(entry: Any, kind: str) -> Any:
+    """A saved loss/metric entry → the object (a name stays a name)."""
+    if entry is None or isinstance(entry, str):
+        return entry
+    keras = _keras_module(entry.get("flavor", "keras"))
+    try:
+        return (keras.losses if kind == "loss" else keras.metrics).deserialize(entry["config"])
+    except Exception as err:  # noqa: BLE001 - a custom object not importable here
+        log.warning("nano-tfx: the saved %s %s cannot be rebuilt here (%s); evaluate() goes without it",
+                    kind, entry.get("config"), err)
+        return None
+
+
+def compile_entry(obj: Any, kind: str, flavor: str | None = None) -> Any:
+    """A loss/metric as JSON: a name stays a name, a Keras object becomes its Keras config (checked
+    to load back). What cannot be serialised is dropped with a warning, never a crash."""
+    from nano_tfx.metrics import Evaluator
+
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, Mapping) and "class_name" in obj:  # already a Keras config (compile config)
+        entry = {"flavor": flavor or "keras", "config": dict(obj)}
+    elif isinstance(obj, Evaluator) and hasattr(obj, "metric"):
+        return compile_entry(obj.metric, kind)
+    else:
+        flavor = flavor or _flavor(obj)
+        qualname = getattr(obj, "__qualname__", "") or ""
+        try:
+            if qualname == "<lambda>" or "<locals>" in qualname:
+                raise ValueError("a lambda or local function has no importable name")
+            entry = {"flavor": flavor, "config": _keras_module(flavor).saving.serialize_keras_object(obj)}
+            json.dumps(entry)
+        except Exception as err:  # noqa: BLE001
+            log.warning("nano-tfx: the %s %r cannot be saved with the model (%s); a loaded model evaluates "
+                        "without it - compile() it again after load", kind, obj, err)
+            return None
+    if _from_entry(entry, kind) is None:
+        return None
+    return entry

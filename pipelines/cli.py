@@ -200,6 +200,9 @@ def load_npz(path: str, inputs: Sequence[Any], label: Optional[str], option: str
         raise CliError(f"{option}: cannot read {path!r} as NPZ ({_error_line(err)})") from err
     if not arrays:
         raise CliError(f"{option}: {path!r} holds no arrays")
+    not_arrays = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+    if not_arrays:
+        raise CliError(f"{option}: {path!r} is a zip but not a numpy archive: members {not_arrays} are not .npy arrays")
     label_key = label if label else next((k for k in ("y", "label", "labels") if k in arrays), None)
     if label and label not in arrays:
         raise CliError(f"--label: {label!r} is not an array of {path!r}; it has {sorted(arrays)}")

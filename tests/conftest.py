@@ -75,7 +75,16 @@ E2E_MODULES = {
 }
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "extended: long matrices (NANO_TFX_EXTENDED=1 runs them)")
+
+
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("NANO_TFX_EXTENDED") != "1":
+        extended = pytest.mark.skip(reason="extended matrix: NANO_TFX_EXTENDED=1 runs it")
+        for item in items:
+            if "extended" in item.keywords:
+                item.add_marker(extended)
     if os.environ.get("NANO_TFX_QUICK") != "1":
         return
     skip = pytest.mark.skip(reason="TFX end-to-end module: skipped by NANO_TFX_QUICK=1")

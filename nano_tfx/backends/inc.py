@@ -8,10 +8,11 @@ The INT8 kernels need oneDNN (see ``nano_tfx._env``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -57,6 +58,38 @@ def _capture_calibration_on_fd2() -> None:
 
     if sys.__stderr__ is not None:
         utility.CaptureOutputToFile.__init__.__defaults__ = (sys.__stderr__,)
+
+
+@contextlib.contextmanager
+def contained_temp_files(directory: str) -> Iterator[None]:
+    """Keep INC's temporary files in ``directory`` and remove them after.
+
+    INC's graph converter calls ``tempfile.mkstemp(suffix=".log")`` per calibration and drops the
+    descriptor (one leaked fd and one ``tmp*.log`` in the system temp dir per trial). Point
+    ``tempfile`` at our own folder while INC runs, then close the descriptors left open on files
+    in it and delete it.
+    """
+    import shutil
+    import tempfile
+
+    os.makedirs(directory, exist_ok=True)
+    directory = os.path.realpath(directory)
+    saved = tempfile.tempdir
+    tempfile.tempdir = directory
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+        fd_dir = "/proc/self/fd"
+        # Every descriptor still open on a file in our folder is one INC dropped (the folder is
+        # ours alone), whatever its number (numbers are reused, so no before/after diff).
+        for fd in os.listdir(fd_dir) if os.path.isdir(fd_dir) else ():
+            try:
+                if os.readlink(os.path.join(fd_dir, fd)).startswith(directory + os.sep):
+                    os.close(int(fd))
+            except OSError:
+                pass
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _frozen_graph(source: SavedModelSource):
@@ -209,7 +242,8 @@ class IncBackend(Backend):
         _capture_calibration_on_fd2()
         # The SavedModel path, not our frozen GraphDef: INC's GraphDef route mis-fuses biases on
         # some graphs ("Cannot convert ... to a TensorFlow DType" in rerange_quantized_concat).
-        q = fit(model=prepared.model_path, conf=conf, calib_dataloader=loader)
+        with contained_temp_files(os.path.join(prepared.workdir, f"inc_tmp_{os.getpid()}")):
+            q = fit(model=prepared.model_path, conf=conf, calib_dataloader=loader)
         if q is None:
             raise RuntimeError("INC returned no model for this config")
         return IncCandidate(

@@ -177,10 +177,11 @@ class OpenVINOCandidate(Candidate):
             raise ValueError(f"inputs: expected {len(self._plan)} arrays {self.input_names}, got {len(inputs)}")
         req = self.request
         for (port, dtype), x in zip(self._plan, inputs):
-            # Zero-copy when the caller's array already has the model dtype and is C-contiguous
-            # (the request only reads it during the synchronous infer below); otherwise one copy.
-            if type(x) is not np.ndarray or x.dtype != dtype or not x.flags.c_contiguous:
-                x = np.ascontiguousarray(x, dtype=dtype)
+            # Zero-copy when the caller's array already has the model dtype, is C-contiguous and
+            # writeable (OpenVINO refuses to share a read-only buffer: tf.data, np.frombuffer);
+            # otherwise one copy.
+            if type(x) is not np.ndarray or x.dtype != dtype or not x.flags.c_contiguous or not x.flags.writeable:
+                x = np.array(x, dtype=dtype, order="C", copy=True)
             req.set_tensor(port, self._ov_tensor(x, shared_memory=True))
         req.infer()
         # Output buffers belong to the request and are reused by the next run: copy.
@@ -546,7 +547,7 @@ class OpenVINOBackend(Backend):
             per_item = []
             dtypes = [p.get_element_type().to_dtype() for p in compiled_model.inputs]
             for item in items:
-                inputs = [np.ascontiguousarray(x, dtype=t) for x, t in zip(item[0] if with_labels else item, dtypes)]
+                inputs = [np.array(x, dtype=t, order="C", copy=True) for x, t in zip(item[0] if with_labels else item, dtypes)]
                 res = req.infer(inputs, share_inputs=True)  # outputs are copies
                 per_item.append([v for port, v in res.items() for _ in port.get_names()])
                 cache[_digest(inputs)] = [res[p] for p in out_ports]
@@ -555,7 +556,7 @@ class OpenVINOBackend(Backend):
                 hit = cache.get(_digest(inputs))
                 if hit is not None:
                     return [a.copy() for a in hit]
-                res = req.infer([np.ascontiguousarray(x, dtype=t) for x, t in zip(inputs, dtypes)], share_inputs=True)
+                res = req.infer([np.array(x, dtype=t, order="C", copy=True) for x, t in zip(inputs, dtypes)], share_inputs=True)
                 return [res[p] for p in out_ports]
 
             return sign * float(accuracy.evaluate(run_fn)), per_item
