@@ -94,7 +94,9 @@ _PREPARED: dict[tuple, tuple[Any, Any]] = {}
 
 def _backend_and_prepared(job: TrialJob):
     """One backend instance and one ``prepare`` per (process, source, backend, options)."""
-    key = (job.source.path, job.source.signature_key, job.backend, repr(job.options), job.precision)
+    # job.workdir is in the key: a prepared model lives in its call's workdir, which is removed
+    # when that call's result goes away (two calls on the same SavedModel path must not share it).
+    key = (job.source.path, job.source.signature_key, job.backend, repr(job.options), job.precision, job.workdir)
     if key not in _PREPARED:
         backend = backend_class(job.backend)(job.options)
         workdir = job.workdir or job.artifact_root or os.path.join(os.path.dirname(job.source.path), "work")
@@ -220,10 +222,12 @@ def _time_trial(job: TrialJob, candidate: Candidate, inputs: list, result: Trial
 
     runs = {"trial": candidate.run}
     if job.compare_fp32:
-        key = (job.source.path, job.source.signature_key)
+        pb = os.path.join(job.source.path, "saved_model.pb")
+        key = (job.source.path, job.source.signature_key, os.path.getmtime(pb) if os.path.exists(pb) else None)
         if key not in _FP32:
             from nano_tfx.backends.tf_reference import TFSignatureCandidate
 
+            _FP32.clear()  # one FP32 model per process: a callback quantizing every epoch must not pile them up
             _FP32[key] = TFSignatureCandidate(job.source)
         runs["fp32"] = _FP32[key].run
     speed = side_by_side(runs, inputs, batch=job.latency_batch, budget_s=TRIAL_TIMING_BUDGET_S)
