@@ -121,6 +121,11 @@ class Backend(abc.ABC):
     Lifecycle per ``quantize()`` call: ``validate`` (cheap, before any work) → ``prepare``
     (once: conversion, graph inspection) → ``search_space`` → ``quantize`` per trial → the
     chosen candidate is saved with ``Candidate.save`` and read back with ``load``.
+
+    The duties, each in its own module of the backend's package (``backends/<name>/``):
+    ``prepare`` (convert), ``search_space`` (space), ``quantize``, ``diagnose`` (per-layer
+    error of a quantized candidate against FP32, in the names ``TrialConfig.fallback`` accepts),
+    ``load``.
     """
 
     name: str = ""
@@ -169,6 +174,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, directory: str, manifest: Mapping[str, Any]) -> Candidate:
         """Load a candidate saved by ``Candidate.save`` (no FP32 model needed)."""
+
+    def diagnose(self, prepared: Any, candidate: Candidate, batches: Sequence[Sequence[np.ndarray]]) -> list[dict]:
+        """Per quantized layer: the error of its output against the FP32 model's same tensor on
+        ``batches`` (lists of input arrays). Returns ``nano_tfx.diagnosis.layer_stats`` dicts
+        ranked worst first (``nano_tfx.diagnosis.rank``); names are valid fallback names."""
+        raise NotImplementedError(f"backend {self.name!r} has no per-layer diagnosis")
 
     def describe(self) -> dict:
         return {"backend": self.name}

@@ -18,9 +18,9 @@ import numpy as np
 from nano_tfx.backends.base import (
     AccuracyContext, Backend, CalibrationData, Candidate, SearchSpace, TrialConfig, register,
 )
+from nano_tfx.backends.inc.convert import _COMPUTE_OPS, _frozen_graph, _tensor_names
+from nano_tfx.backends.inc.quantize import _capture_calibration_on_fd2, _Loader
 from nano_tfx.interchange import SavedModelSource, TensorInfo, export_signature_as_default
-
-_COMPUTE_OPS = ("Conv2D", "DepthwiseConv2dNative", "MatMul", "Conv3D", "BatchMatMulV2")
 
 
 @dataclass
@@ -30,50 +30,6 @@ class _Prepared:
     compute_nodes: list[str]
     input_nodes: list[str]  # frozen-graph placeholder names, in source.inputs order
     model_path: str  # what INC's fit() loads: a SavedModel whose serving_default is the signature
-
-
-class _Loader:
-    """INC's calibration dataloader protocol: ``batch_size`` + iterable of ``(inputs, label)``."""
-
-    def __init__(self, data: CalibrationData, names: Sequence[str]):
-        self.data, self.names = data, list(names)
-        first = next(iter(data))
-        self.batch_size = int(len(first[0]))
-        self.samples = sum(len(b[0]) for b in data)
-
-    def __iter__(self):
-        for xs in self.data:
-            yield (xs[0] if len(xs) == 1 else dict(zip(self.names, xs))), 0
-
-
-def _capture_calibration_on_fd2() -> None:
-    """INC reads calibration ranges that TF's Print ops write to file descriptor 2, by
-    redirecting the fd of whatever ``sys.stderr`` was when INC was imported. Under pytest,
-    Jupyter or a Beam worker that object is not fd 2 and calibration silently reads nothing
-    ("list index out of range"). Point it at the real stderr."""
-    import sys
-
-    from neural_compressor.utils import utility
-
-    if sys.__stderr__ is not None:
-        utility.CaptureOutputToFile.__init__.__defaults__ = (sys.__stderr__,)
-
-
-def _frozen_graph(source: SavedModelSource):
-    """The signature as a constant GraphDef + its input placeholders and outputs, ordered
-    like ``source.inputs`` / ``source.outputs``."""
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    _, fn = source.load_signature()
-    frozen = convert_variables_to_constants_v2(fn)
-    graph_def = frozen.graph.as_graph_def()
-    # Flat inputs follow the signature's sorted keyword names; outputs its sorted output keys.
-    arg_names = sorted(fn.structured_input_signature[1])
-    placeholders = [t.name.split(":")[0] for t in frozen.inputs if t.dtype != tf.resource]
-    by_arg = dict(zip(arg_names, placeholders))
-    outs = dict(zip(sorted(fn.structured_outputs), [t.name.split(":")[0] for t in frozen.outputs]))
-    return graph_def, [by_arg[n] for n in source.input_names], [outs[n] for n in source.output_names]
 
 
 class IncCandidate(Candidate):
@@ -234,10 +190,3 @@ class IncBackend(Backend):
             extra["output_tensors"], manifest.get("precision", "int8"), self.options.thread_num,
         )
 
-
-def _tensor_names(nodes: Sequence[str], sorted_keys: Sequence[str], wanted: Sequence[str]) -> list[str]:
-    """INC's frozen graph lists inputs/outputs in the signature's sorted key order; reorder
-    them to ours."""
-    tensors = [n if ":" in n else f"{n}:0" for n in nodes]
-    by_key = dict(zip(sorted_keys, tensors))
-    return [by_key[k] for k in wanted]
