@@ -175,6 +175,12 @@ class IncBackend(Backend):
             precision, self.options.thread_num,
         )
 
+    def diagnose(self, prepared: _Prepared, candidate: Candidate,
+                 batches: Sequence[Sequence[np.ndarray]]) -> list[dict]:
+        from nano_tfx.backends.inc.diagnose import diagnose
+
+        return diagnose(self, prepared, candidate, batches)
+
     def load(self, directory: str, manifest: Mapping[str, Any]) -> IncCandidate:
         import tensorflow as tf
 

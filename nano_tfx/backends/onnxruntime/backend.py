@@ -454,6 +454,13 @@ class OnnxRuntimeBackend(Backend):
         model = convert_float_to_float16(model, keep_io_types=True, node_block_list=fallback or None)
         onnx.save(model, out)
 
+    # ---- diagnose ---------------------------------------------------------------------------
+
+    def diagnose(self, prepared: OrtPrepared, candidate: Candidate, batches: Sequence[Sequence[np.ndarray]]) -> list[dict]:
+        from nano_tfx.backends.onnxruntime.diagnose import diagnose
+
+        return diagnose(self, prepared, candidate, batches)
+
     # ---- load -------------------------------------------------------------------------------
 
     def load(self, directory: str, manifest: Mapping[str, Any]) -> OrtCandidate:

@@ -456,6 +456,12 @@ class OpenVINOBackend(Backend):
 
         return val_ds, validation_fn
 
+    def diagnose(self, prepared: OpenVINOPrepared, candidate: Candidate,
+                 batches: Sequence[Sequence[np.ndarray]]) -> list[dict]:
+        from nano_tfx.backends.openvino.diagnose import diagnose
+
+        return diagnose(self, prepared, candidate, batches)
+
     def load(self, directory: str, manifest: Mapping[str, Any]) -> OpenVINOCandidate:
         precision = manifest.get("precision", "int8")
         if precision not in ("fp32",):
