@@ -5,6 +5,8 @@ The Keras ``Model.quantize``, the Keras callback and the TFX ``Quantizer`` all e
 from __future__ import annotations
 
 import hashlib
+import logging as _logging
+import math
 import os
 import shutil
 import tempfile
@@ -17,12 +19,14 @@ from nano_tfx.criterion import AccuracyCriterion
 from nano_tfx.data import make_batches
 from nano_tfx.errors import AccuracyCriterionNotMet
 from nano_tfx.interchange import SavedModelSource, to_saved_model
-from nano_tfx.metrics import make_evaluator
+from nano_tfx.metrics import check_metric_value, make_evaluator
 from nano_tfx.report import Report
 from nano_tfx.result import QuantizedModel
 from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialRunner
 from nano_tfx.tuning.strategies import STRATEGIES
-from nano_tfx.tuning.tuner import tune
+from nano_tfx.tuning.tuner import Budget, tune
+
+log = _logging.getLogger("nano_tfx")
 
 PRECISIONS = ("int8", "bf16", "fp16")
 ACCELERATORS = (None, "onnxruntime", "openvino", "auto")
@@ -73,10 +77,7 @@ def make_request(precision: str, accelerator: str | None, approach: str, accurac
     if criterion is None and has_metric:
         criterion = AccuracyCriterion.parse(DEFAULT_CRITERION)
     _check_int("max_trials", max_trials, 1)
-    if timeout is None:
-        timeout = 0
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise ValueError(f"timeout: expected seconds >= 0 (0 = no limit), got {timeout!r}")
+    timeout = check_timeout(timeout)
     _check_int("batch", batch, 1)
     _check_int("sample_size", sample_size, 1)
     _check_int("thread_num", thread_num, 1)
@@ -92,6 +93,15 @@ def make_request(precision: str, accelerator: str | None, approach: str, accurac
     return QuantizationRequest(precision, accelerator, approach, criterion, tuning_strategy,
                                max_trials if max_trials is not None else (DEFAULT_MAX_TRIALS if has_metric else None),
                                float(timeout), batch, sample_size, options)
+
+
+def check_timeout(timeout: Any) -> float:
+    """``timeout`` as finite seconds >= 0 (None and 0 mean no limit); NaN/inf are refused."""
+    if timeout is None:
+        return 0.0
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout < 0:
+        raise ValueError(f"timeout: expected finite seconds >= 0 (0 = no limit), got {timeout!r}")
+    return float(timeout)
 
 
 def fingerprint(path: str) -> str:
@@ -250,11 +260,7 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
         previous_report = None  # another model: nothing to reuse
 
     if evaluator is not None and baseline is None:
-        from nano_tfx.backends.tf_reference import TFSignatureCandidate
-
-        ref = TFSignatureCandidate(source)
-        baseline = evaluator.evaluate(ref.run, evaluation, model=QuantizedModel(ref, source))
-    runner = trial_runner or LocalRunner()
+        baseline = measure_baseline(evaluator, source, evaluation)
     report = Report(
         backend="auto" if request.accelerator == "auto" else pairs[0][0], precision=request.precision,
         metric_name=evaluator.name if evaluator else None, baseline=baseline,
@@ -262,71 +268,38 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
         strategy=(request.tuning_strategy or "basic") if evaluator else None,
         max_trials=request.max_trials, timeout=request.timeout, model_fingerprint=fp,
     )
-    best_outcome = None
-    finalists: list = []  # (outcome, job, trial index) of every backend/precision that met the bar
-    for backend_name, prec in pairs:
-        job = TrialJob(
+    auto = request.accelerator == "auto"
+    jobs = [
+        TrialJob(
             source=source, backend=backend_name, options=request.options, precision=prec,
             approach=request.approach, calibration=calib.calibration() if calib is not None else None,
             evaluation=evaluation, evaluator=evaluator, baseline=baseline, criterion=request.criterion,
-            latency_batch=(request.batch or 32) if request.accelerator == "auto" else None,
+            latency_batch=(request.batch or 32) if auto else None,
             workdir=os.path.join(workdir, "trials"),
         )
-        sub = Report(backend=backend_name, precision=prec)
-        try:
-            backend = backend_class(backend_name)(request.options)
-            backend.validate(prec, request.approach)
-            from nano_tfx.tuning.runner import _backend_and_prepared
+        for backend_name, prec in pairs
+    ]
+    budget = Budget(request.max_trials, request.timeout, started=started)
+    outcomes = tune(jobs, report, request.tuning_strategy, budget, trial_runner or LocalRunner(),
+                    previous_report, strict=not auto)
+    if logging:
+        log.info("nano-tfx: trials\n%s", report.table())
 
-            _, prepared = _backend_and_prepared(job)
-            space = backend.search_space(prepared, prec, request.approach)
-            outcome = tune(job, space, sub, request.tuning_strategy, request.max_trials, request.timeout,
-                           runner, previous_report)
-        except ValueError:
-            if request.accelerator != "auto":
-                raise
-            sub.trials = []
-            outcome = None
-            _failed_row(report, backend_name, prec, "failed: unsupported")
-            continue
-        except Exception as err:
-            if request.accelerator != "auto":
-                raise
-            outcome = None
-            _failed_row(report, backend_name, prec, f"failed: {type(err).__name__}: {str(err)[:200]}")
-            continue
-        offset = len(report.trials)
-        for rec in sub.trials:
-            rec.index += offset
-            report.trials.append(rec)
-        if logging:
-            print(sub.table())
-        if outcome.candidate is None:
-            if request.accelerator != "auto":
-                last = sub.trials[-1].status if sub.trials else "no trial ran"
-                raise RuntimeError(f"quantization failed ({backend_name}/{prec}): {last}")
-            continue
-        entry = (outcome, job, sub.chosen + offset if sub.chosen is not None else None)
-        if outcome.chosen is not None:
-            finalists.append(entry)
-        elif outcome.best is not None:
-            best_outcome = best_outcome or entry
-        report.stop_reason = sub.stop_reason if request.accelerator != "auto" else "all backends tried"
-
+    finalists = [o for o in outcomes if o.chosen is not None and o.candidate is not None]
     chosen_outcome = _fastest(finalists, report, calib)
     report.seconds = round(time.perf_counter() - started, 3)
     controlled = evaluator is not None
     report.met = (chosen_outcome is not None) if controlled else None
     if chosen_outcome is not None:
-        report.chosen = chosen_outcome[2]
-    final = chosen_outcome or best_outcome
+        report.chosen = chosen_outcome.chosen_index
+    final = chosen_outcome or _best_of(outcomes, request.criterion)
     if final is None:
-        raise RuntimeError("quantization failed on every backend: " + "; ".join(
-            f"{t.backend}/{t.precision}: {t.status}" for t in report.trials))
-    outcome, job, _ = final
+        failed = [t for t in report.trials if t.failed]
+        detail = "; ".join(f"{t.backend}/{t.precision}: {t.error}" for t in failed[-3:]) or report.stop_reason
+        raise RuntimeError(f"quantization failed ({'every backend' if auto else pairs[0][0]}): {detail}")
     result = QuantizedModel(
-        outcome.candidate, source, report=report,
-        config=(outcome.chosen or outcome.best).config, backend=job.backend,
+        final.candidate, source, report=report,
+        config=(final.chosen or final.best).config, backend=final.job.backend,
         workdir=workdir if own_workdir else None,
     )
     loss, metrics = _compile_info(model) if not isinstance(model, (str, os.PathLike)) else (None, [])
@@ -337,6 +310,29 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     if controlled and chosen_outcome is None:
         raise AccuracyCriterionNotMet(result, report)
     return result
+
+
+def measure_baseline(evaluator: Any, source: SavedModelSource, evaluation: Any) -> float:
+    """The FP32 metric, refused at once when it is not a finite number (no search is run on it)."""
+    from nano_tfx.backends.tf_reference import TFSignatureCandidate
+
+    ref = TFSignatureCandidate(source)
+    value = evaluator.evaluate(ref.run, evaluation, model=QuantizedModel(ref, source))
+    return check_metric_value(value, evaluator.name, "the FP32 model", evaluator.argument)
+
+
+def _best_of(outcomes: list, criterion: AccuracyCriterion | None) -> Any:
+    """The outcome whose best trial scores highest (what AccuracyCriterionNotMet carries)."""
+    usable = [o for o in outcomes if o.best is not None and o.candidate is not None]
+    if not usable:
+        return None
+    hib = criterion.higher_is_better if criterion else True
+
+    def score(o):
+        m = o.best.metric
+        return float("-inf") if m is None else (m if hib else -m)
+
+    return max(usable, key=score)
 
 
 def _fastest(finalists: list, report: Report, calib: Any) -> Any:
@@ -355,15 +351,8 @@ def _fastest(finalists: list, report: Report, calib: Any) -> Any:
     x = rows(next(iter(calib.calibration())), 1)
     samples: dict[int, list[float]] = {i: [] for i in range(len(finalists))}
     for _ in range(3):
-        for i, (outcome, _, _) in enumerate(finalists):
+        for i, outcome in enumerate(finalists):
             samples[i].append(latency_ms(outcome.candidate.run, x, warmup=3, repeats=5000, budget_s=0.4))
     medians = {i: float(np.median(v)) for i, v in samples.items()}
-    report.selection_latency_ms = {finalists[i][2]: round(ms, 4) for i, ms in medians.items()}
+    report.selection_latency_ms = {finalists[i].chosen_index: round(ms, 4) for i, ms in medians.items()}
     return finalists[min(medians, key=medians.get)]
-
-
-def _failed_row(report: Report, backend: str, precision: str, status: str) -> None:
-    from nano_tfx.report import TrialRecord
-
-    report.trials.append(TrialRecord(index=len(report.trials), key="", backend=backend, precision=precision,
-                                     config={}, status=status))

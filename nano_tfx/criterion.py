@@ -1,6 +1,7 @@
 """The seed's ``accuracy_criterion`` dict → an ``AccuracyCriterion`` that judges a trial."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -41,6 +42,8 @@ class AccuracyCriterion:
         drop = value[kind]
         if isinstance(drop, bool) or not isinstance(drop, (int, float)):
             raise ValueError(f"accuracy_criterion: '{kind}' must be a number, got {drop!r}")
+        if not math.isfinite(drop):
+            raise ValueError(f"accuracy_criterion: '{kind}' must be a finite number, got {drop!r}")
         if drop < 0:
             raise ValueError(f"accuracy_criterion: '{kind}' must be >= 0, got {drop}")
         if kind == "relative" and drop >= 1:
@@ -60,10 +63,6 @@ class AccuracyCriterion:
         # A tiny tolerance: float round-off must not turn an equal metric into a miss.
         eps = 1e-9 * max(1.0, abs(baseline))
         return value >= bound - eps if self.higher_is_better else value <= bound + eps
-
-    def better(self, a: float, b: float) -> bool:
-        """Whether metric ``a`` is strictly better than ``b``."""
-        return a > b if self.higher_is_better else a < b
 
     def to_dict(self) -> dict:
         return {self.drop_type: self.max_drop, "higher_is_better": self.higher_is_better}

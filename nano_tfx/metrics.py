@@ -19,9 +19,23 @@ def _outputs(outs: list) -> Any:
     return outs[0] if len(outs) == 1 else outs
 
 
+def check_metric_value(value: Any, name: str, what: str, argument: str = "metric") -> float:
+    """``value`` as a finite float, or a ``ValueError`` naming the argument that produced it."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, bytes)):
+        raise ValueError(f"{argument}: {name!r} must return a number for {what}, got {value!r}")
+    try:
+        number = float(np.asarray(value).reshape(()))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{argument}: {name!r} must return a scalar number for {what}, got {value!r}") from err
+    if not np.isfinite(number):
+        raise ValueError(f"{argument}: {name!r} is {number} for {what}; it must be a finite number")
+    return number
+
+
 class Evaluator(abc.ABC):
     name: str = "metric"
     needs_labels: bool = True
+    argument: str = "metric"  # the user's argument this evaluator came from (for messages)
 
     @abc.abstractmethod
     def evaluate(self, run: RunFn, data: Any, model: Any = None) -> float:
@@ -174,13 +188,20 @@ class EvalFunc(Evaluator):
     """``eval_func(model) -> float``: the user runs their own evaluation on our model object."""
 
     needs_labels = False
+    argument = "eval_func"
 
     def __init__(self, fn: Callable[[Any], float]):
         self.fn = fn
         self.name = getattr(fn, "__name__", "eval_func")
 
     def evaluate(self, run: RunFn, data: Any, model: Any = None) -> float:
-        return float(self.fn(model))
+        value = self.fn(model)
+        if isinstance(value, bool) or value is None or isinstance(value, (str, bytes)):
+            raise ValueError(f"eval_func: {self.name!r} must return a number, got {value!r}")
+        try:
+            return float(np.asarray(value).reshape(()))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"eval_func: {self.name!r} must return a scalar number, got {value!r}") from err
 
 
 def make_evaluator(metric: Any = None, eval_func: Callable | None = None, flavor: str | None = None) -> Evaluator | None:

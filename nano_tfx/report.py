@@ -4,7 +4,9 @@ from __future__ import annotations
 import html
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
+
+TrialStatus = Literal["ok", "reused", "failed"]
 
 
 @dataclass
@@ -21,15 +23,25 @@ class TrialRecord:
     batch: int | None = None
     size_bytes: int | None = None
     seconds: float = 0.0
-    status: str = "ok"  # "ok" | "reused" | "failed: why"
+    status: TrialStatus = "ok"
+    error: str | None = None  # one line, when status == "failed"
+    traceback: str | None = None  # the full traceback of a failed trial (for bug reports)
     output_mse: float | None = None
     worker: str | None = None
     artifact_dir: str | None = None
 
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> "TrialRecord":
         known = {f for f in TrialRecord.__dataclass_fields__}
-        return TrialRecord(**{k: v for k, v in data.items() if k in known})
+        data = {k: v for k, v in data.items() if k in known}
+        status = str(data.get("status") or "ok")
+        if status.startswith("failed") and status != "failed":  # reports written before 0.2
+            data["status"], data["error"] = "failed", data.get("error") or status.partition(":")[2].strip()
+        return TrialRecord(**data)
 
 
 @dataclass
@@ -59,7 +71,7 @@ class Report:
 
     def find(self, key: str, backend: str, precision: str) -> TrialRecord | None:
         for t in self.trials:
-            if t.key == key and t.backend == backend and t.precision == precision and not t.status.startswith("failed"):
+            if t.key == key and t.backend == backend and t.precision == precision and not t.failed:
                 return t
         return None
 
@@ -106,7 +118,7 @@ class Report:
                 f"{t.index}{mark}", t.backend, t.precision, text or "default", fmt(t.metric),
                 "" if t.passed is None else ("yes" if t.passed else "no"),
                 fmt(t.latency_ms, "{:.3f}"), fmt(None if t.size_bytes is None else t.size_bytes / 1024, "{:.1f}"),
-                f"{t.seconds:.1f}", t.status,
+                f"{t.seconds:.1f}", t.status if not t.failed else f"failed: {(t.error or '')[:120]}",
             ])
         return out
 

@@ -358,8 +358,8 @@ def _progress_runner(console: Console, max_trials: Optional[int]):
                 knobs = ",".join(f"{k}={v}" for k, v in (config.to_dict().get("knobs") or {}).items()) or "default"
                 console.step(f"  trial {ProgressRunner.count}{total} [{job.backend}/{job.precision} {knobs}]")
                 result = run_trial(job, config)
-                if result.status != "ok":
-                    status = result.status[:120]
+                if result.failed:
+                    status = f"failed: {(result.error or '')[:120]}"
                 elif result.metric is not None:
                     status = f"metric {result.metric:.4f} {'pass' if result.passed else 'miss'}"
                 else:

@@ -160,7 +160,7 @@ class BeamTrialRunner(TrialRunner):
         for i, config in enumerate(configs):
             path = FileSystems.join(out_dir, f"{i:05d}.pkl")
             if not FileSystems.exists(path):
-                results.append(TrialResult(config, status="failed: the Beam worker wrote no result"))
+                results.append(TrialResult.failure(config, "the Beam worker wrote no result"))
                 continue
             with FileSystems.open(path) as f:
                 result = pickle.loads(f.read())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from nano_tfx.api import ACCELERATORS, PRECISIONS  # the Keras API's own lists
+from nano_tfx.api import ACCELERATORS, PRECISIONS, check_timeout  # the Keras API's own lists and checks
 from nano_tfx.criterion import AccuracyCriterion
 
 DEFAULT_ACCURACY_CRITERION = {"relative": 0.01, "higher_is_better": True}
@@ -76,10 +76,7 @@ def validate_parameters(
             raise ValueError(f"{name}: expected a non-empty string or None, got {value!r}")
     if max_trials is not None and (not _is_int(max_trials) or max_trials < 1):
         raise ValueError(f"max_trials: expected a positive integer or None, got {max_trials!r}")
-    if timeout is None:
-        timeout = 0
-    if not _is_number(timeout) or timeout < 0:
-        raise ValueError(f"timeout: expected seconds >= 0 (0 = no limit), got {timeout!r}")
+    timeout = check_timeout(float(timeout) if _is_number(timeout) else timeout)
     for name, value in (
         ("calibration_split", calibration_split),
         ("evaluation_split", evaluation_split),

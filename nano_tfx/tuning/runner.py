@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import logging
 import os
 import socket
 import time
@@ -22,6 +23,8 @@ from nano_tfx.criterion import AccuracyCriterion
 from nano_tfx.interchange import SavedModelSource
 from nano_tfx.metrics import Evaluator
 from nano_tfx.timing import latency_ms, rows
+
+log = logging.getLogger("nano_tfx")
 
 
 @dataclass
@@ -54,11 +57,26 @@ class TrialResult:
     latency_batch_ms: float | None = None
     size_bytes: int | None = None
     seconds: float = 0.0
-    status: str = "ok"
+    status: str = "ok"  # "ok" | "reused" | "failed" (see nano_tfx.report.TrialStatus)
+    error: str | None = None  # one line, when failed
+    traceback: str | None = None
     output_mse: float | None = None
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     artifact_dir: str | None = None
     candidate: Candidate | None = None  # in-process only; dropped when pickled
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    @staticmethod
+    def failure(config: TrialConfig, err: BaseException | str) -> "TrialResult":
+        """A failed trial as data: the one-line reason and, for an exception, its traceback."""
+        if isinstance(err, str):
+            return TrialResult(config, status="failed", error=err)
+        line = traceback.format_exception_only(type(err), err)[-1].strip()
+        tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        return TrialResult(config, status="failed", error=line[:500], traceback=tb)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -126,18 +144,80 @@ def accuracy_context(job: TrialJob) -> AccuracyContext | None:
     )
 
 
+class GarbageModelError(RuntimeError):
+    """A quantized candidate whose outputs are non-finite, or the same for every input."""
+
+
+def _probe_inputs(job: TrialJob, rows_wanted: int = 16) -> list[np.ndarray] | None:
+    """Up to ``rows_wanted`` calibration rows (several batches when they are small)."""
+    if job.calibration is None:
+        return None
+    parts: list[list[np.ndarray]] = []
+    count = 0
+    for xs in job.calibration:
+        parts.append(xs)
+        count += len(xs[0])
+        if count >= rows_wanted:
+            break
+    if not parts:
+        return None
+    return [np.concatenate([p[i] for p in parts])[:rows_wanted] for i in range(len(parts[0]))]
+
+
+def _varies(outputs: list[np.ndarray]) -> bool:
+    """Whether any output differs between rows of the batch."""
+    for out in outputs:
+        a = np.asarray(out)
+        if a.ndim and len(a) > 1 and a.dtype.kind in "fiub" and np.ptp(a.reshape(len(a), -1), axis=0).max() > 0:
+            return True
+        if a.dtype.kind not in "fiub":
+            return True  # strings etc.: not judged
+    return False
+
+
+_REFERENCE_VARIES: dict[tuple, bool] = {}
+
+
+def check_outputs(job: TrialJob, candidate: Candidate) -> None:
+    """Refuse a garbage model: non-finite outputs on calibration rows, or the same output for
+    every row while the FP32 model's outputs differ between them."""
+    probe = _probe_inputs(job)
+    if probe is None or len(probe[0]) == 0:
+        return
+    outs = [np.asarray(o) for o in candidate.run(probe)]
+    for name, out in zip(job.source.output_names, outs):
+        if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
+            bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
+            raise GarbageModelError(f"output {name!r} has {bad} non-finite value(s) on calibration data")
+    if len(probe[0]) < 2 or _varies(outs):
+        return
+    key = (job.source.path, job.source.signature_key, len(probe[0]))
+    if key not in _REFERENCE_VARIES:
+        from nano_tfx.backends.tf_reference import TFSignatureCandidate
+
+        _REFERENCE_VARIES[key] = _varies(TFSignatureCandidate(job.source).run(probe))
+    if _REFERENCE_VARIES[key]:
+        raise GarbageModelError(
+            f"the quantized model gives the same output for all {len(probe[0])} calibration rows "
+            "(the FP32 model does not): a collapsed model"
+        )
+
+
 def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
-    """Quantize with ``config``, evaluate, time, optionally save. Failures become a status."""
+    """Quantize with ``config``, check, evaluate, time, optionally save. Failures become data."""
     start = time.perf_counter()
     try:
         backend, prepared = _backend_and_prepared(job)
         candidate = backend.quantize(prepared, job.precision, config, job.calibration, accuracy_context(job))
+        check_outputs(job, candidate)
         result = TrialResult(config, candidate=candidate)
         if job.evaluator is not None:
             from nano_tfx.result import QuantizedModel
 
             model = QuantizedModel(candidate, job.source)
             result.metric = job.evaluator.evaluate(candidate.run, job.evaluation, model=model)
+            if not np.isfinite(result.metric):
+                raise GarbageModelError(f"{job.evaluator.name} is {result.metric} on this candidate")
             if job.criterion is not None and job.baseline is not None:
                 result.passed = job.criterion.met(job.baseline, result.metric)
         if job.want_mse and job.evaluation is not None:
@@ -155,8 +235,9 @@ def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
             result.artifact_dir = out
         result.size_bytes = candidate.size_bytes(result.artifact_dir)
     except Exception as err:  # a failed trial is a recorded outcome, not a crash of the run
-        last = traceback.format_exception_only(type(err), err)[-1].strip()
-        result = TrialResult(config, status=f"failed: {last[:300]}")
+        result = TrialResult.failure(config, err)
+        log.warning("nano-tfx: %s/%s trial %s failed: %s\n%s", job.backend, job.precision,
+                    config.key(), result.error, result.traceback)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -1,46 +1,99 @@
-"""The tuning loop: propose → run trials (a ``TrialRunner``) → judge → stop.
+"""The tuning loop: propose → run trials (a ``TrialRunner``) → judge → stop, for one or several
+backends under ONE budget.
 
-Stops at the first batch of trials that meets the criterion, after ``max_trials`` trials, when
-``timeout`` seconds have passed (checked between batches), or when the strategy runs dry.
-Without an evaluator there is no search: one fully quantized trial (the seed's default).
+``max_trials`` and ``timeout`` bound the whole ``quantize`` call, ``accelerator='auto'`` included:
+the backends take turns (a round gives each unfinished backend one batch of trials), a backend
+leaves the rotation when one of its trials meets the criterion or its strategy runs dry, and the
+call stops when every backend has left, after ``max_trials`` trials in all, or once ``timeout``
+seconds have passed (checked before each batch and before preparing a backend: a running trial is
+never interrupted, and the first trial always runs). Without an evaluator there is no search: one
+fully quantized trial per backend (the seed's default).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
-from nano_tfx.backends.base import Candidate, SearchSpace, TrialConfig
+from nano_tfx.backends.base import Candidate, SearchSpace, TrialConfig, backend_class
 from nano_tfx.report import Report, TrialRecord
-from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialResult, TrialRunner
-from nano_tfx.tuning.strategies import make_strategy
+from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialResult, TrialRunner, _backend_and_prepared
+from nano_tfx.tuning.strategies import Strategy, make_strategy
 
 log = logging.getLogger("nano_tfx")
+
+#: called with each trial's record as soon as it is judged (progress lines, callbacks, logs)
+TrialHook = Callable[[TrialRecord], None]
+
+
+@dataclass
+class Budget:
+    """What one ``quantize`` call may spend: trials in all and wall seconds (0 = no limit)."""
+
+    max_trials: int | None = None
+    timeout: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    trials: int = 0
+
+    def left(self) -> int | None:
+        return None if self.max_trials is None else max(0, self.max_trials - self.trials)
+
+    def spent(self) -> str | None:
+        """Why no further trial may start (None while the budget lasts)."""
+        if self.max_trials is not None and self.trials >= self.max_trials:
+            return f"max_trials={self.max_trials} reached"
+        if self.timeout and time.perf_counter() - self.started >= self.timeout and self.trials > 0:
+            return f"timeout={self.timeout:g}s reached"
+        return None
 
 
 @dataclass
 class TuneOutcome:
-    chosen: TrialResult | None  # met the criterion (or the only trial without accuracy control)
-    best: TrialResult | None  # best score seen (what AccuracyCriterionNotMet carries)
-    candidate: Candidate | None  # live model of ``chosen`` or, failing that, of ``best``
+    """How one (backend, precision) job ended."""
+
+    job: TrialJob
+    chosen: TrialResult | None = None  # met the criterion (or the one trial without accuracy control)
+    best: TrialResult | None = None  # best score seen (what AccuracyCriterionNotMet carries)
+    candidate: Candidate | None = None  # live model of ``chosen`` or, failing that, of ``best``
+    chosen_index: int | None = None  # index of ``chosen`` in the report's trials
+    best_index: int | None = None
+    stop_reason: str | None = None
+
+
+@dataclass
+class _State:
+    """One job while it tunes."""
+
+    job: TrialJob
+    outcome: TuneOutcome
+    strategy: Strategy | None = None
+    controlled: bool = False
+    use_mse: bool = False
+    history: list = field(default_factory=list)
+    best_score: float | None = None
+    trials: int = 0
+    done: bool = False
 
 
 def _score(job: TrialJob, result: TrialResult, use_mse: bool) -> float | None:
     if use_mse:
         return None if result.output_mse is None else -result.output_mse
-    if result.metric is None:
+    if result.metric is None or not math.isfinite(result.metric):
         return None
     hib = job.criterion.higher_is_better if job.criterion else True
     return result.metric if hib else -result.metric
 
 
-def _record(report: Report, job: TrialJob, result: TrialResult, status: str | None = None) -> TrialRecord:
+def _record(report: Report, job: TrialJob, result: TrialResult) -> TrialRecord:
     rec = TrialRecord(
         index=len(report.trials), key=result.config.key(), backend=job.backend, precision=job.precision,
         config=result.config.to_dict(), metric=result.metric, passed=result.passed,
         latency_ms=result.latency_ms, latency_batch_ms=result.latency_batch_ms, batch=job.latency_batch,
-        size_bytes=result.size_bytes, seconds=round(result.seconds, 3), status=status or result.status,
+        size_bytes=result.size_bytes, seconds=round(result.seconds, 3), status=result.status,  # type: ignore[arg-type]
+        error=result.error, traceback=result.traceback,
         output_mse=result.output_mse, worker=result.worker, artifact_dir=result.artifact_dir,
     )
     report.trials.append(rec)
@@ -67,71 +120,131 @@ def _reused(previous: Report | None, job: TrialJob, config: TrialConfig) -> Tria
     )
 
 
+def _open(state: _State, strategy: str | None, report: Report, strict: bool) -> bool:
+    """Prepare the job's backend and its strategy. A backend that cannot do the request is an
+    error when it was asked for by name (``strict``), a failed row under ``auto``."""
+    job = state.job
+    try:
+        backend = backend_class(job.backend)(job.options)
+        backend.validate(job.precision, job.approach)
+        _, prepared = _backend_and_prepared(job)
+        space: SearchSpace = backend.search_space(prepared, job.precision, job.approach)
+    except Exception as err:  # noqa: BLE001 - under auto, one backend failing is a row, not a crash
+        if strict:
+            raise
+        result = TrialResult.failure(TrialConfig.make(), err)
+        log.warning("nano-tfx: %s/%s cannot run: %s\n%s", job.backend, job.precision, result.error, result.traceback)
+        _record(report, job, result)
+        state.outcome.stop_reason = f"failed: {result.error}"
+        state.done = True
+        return False
+    state.controlled = job.evaluator is not None and job.criterion is not None and job.baseline is not None
+    state.use_mse = (strategy or "").lower() == "mse"
+    job.want_mse = state.use_mse and job.evaluation is not None
+    state.strategy = make_strategy(strategy, space)
+    return True
+
+
+def _step(state: _State, report: Report, budget: Budget, runner: TrialRunner, previous: Report | None,
+          hooks: Sequence[TrialHook]) -> None:
+    """One batch of trials of one job: propose, run (or reuse), record, judge."""
+    job, outcome = state.job, state.outcome
+    want = runner.parallelism
+    if not state.controlled:
+        want = 1 - state.trials  # no accuracy control: one fully quantized trial
+    left = budget.left()
+    if left is not None:
+        want = min(want, left)
+    configs = state.strategy.propose(state.history, max(1, want)) if want > 0 else []
+    if not configs:
+        state.done = True
+        outcome.stop_reason = outcome.stop_reason or (
+            "search space exhausted" if state.controlled else "no accuracy control: one trial")
+        return
+    results: list[TrialResult] = []
+    to_run: list[TrialConfig] = []
+    for cfg in configs:
+        hit = _reused(previous, job, cfg)
+        (results.append(hit) if hit else to_run.append(cfg))
+    if to_run:
+        log.info("nano-tfx: running %d %s/%s trial(s)", len(to_run), job.backend, job.precision)
+        results.extend(runner.run(job, to_run))
+    passing = []
+    for res in results:
+        rec = _record(report, job, res)
+        budget.trials += 1
+        state.trials += 1
+        score = _score(job, res, state.use_mse)
+        state.history.append((res.config, score))
+        if score is not None and (state.best_score is None or score > state.best_score):
+            state.best_score, outcome.best, outcome.best_index = score, res, rec.index
+        elif outcome.best is None and not res.failed:
+            outcome.best, outcome.best_index = res, rec.index  # no metric: the only trial
+        if (res.passed if state.controlled else not res.failed):
+            passing.append((res, rec.index))
+        for hook in hooks:
+            hook(rec)
+    for res in results:  # keep live models only for what may still be returned
+        if all(res is not p for p, _ in passing) and res is not outcome.best:
+            res.candidate = None
+    if passing:
+        outcome.chosen, outcome.chosen_index = min(
+            passing, key=lambda p: (len(p[0].config.fallback), -(_score(job, p[0], False) or 0.0)))
+        outcome.stop_reason = "criterion met" if state.controlled else "no accuracy control: one trial"
+        state.done = True
+
+
 def tune(
-    job: TrialJob,
-    space: SearchSpace,
+    jobs: Sequence[TrialJob],
     report: Report,
     strategy: str | None = None,
-    max_trials: int | None = None,
-    timeout: float = 0,
+    budget: Budget | None = None,
     runner: TrialRunner | None = None,
     previous: Report | None = None,
-) -> TuneOutcome:
+    strict: bool = True,
+    hooks: Sequence[TrialHook] = (),
+) -> list[TuneOutcome]:
+    """Tune every job (one per backend/precision) under one ``budget``; records go to ``report``.
+
+    Args:
+        jobs: the (backend, precision) jobs, in the order they take turns.
+        report: receives every trial's record (indices are global across jobs).
+        strategy: a ``tuning_strategy`` name (default ``basic``).
+        budget: ``max_trials``/``timeout`` for the whole call.
+        runner: runs a batch of trials (in-process by default; Beam in the TFX component).
+        previous: an earlier report whose finished trials are reused (resume).
+        strict: a backend that can't run raises (True), or becomes a failed row (False, ``auto``).
+        hooks: called with each trial record as it is judged.
+
+    Returns:
+        One ``TuneOutcome`` per job, in ``jobs`` order.
+    """
     runner = runner or LocalRunner()
-    start = time.perf_counter()
-    controlled = job.evaluator is not None and job.criterion is not None and job.baseline is not None
-    use_mse = (strategy or "").lower() == "mse"
-    job.want_mse = use_mse and job.evaluation is not None
-    strat = make_strategy(strategy, space)
-    limit = max_trials if controlled else 1
-    history: list[tuple[TrialConfig, float | None]] = []
-    best: tuple[float, TrialResult] | None = None
-    chosen: TrialResult | None = None
-    report.stop_reason = "search space exhausted"
-
-    while True:
-        if limit is not None and len(report.trials) >= limit:
-            report.stop_reason = f"max_trials={max_trials} reached" if controlled else "no accuracy control: one trial"
+    budget = budget or Budget()
+    states = [_State(job, TuneOutcome(job)) for job in jobs]
+    opened: set[int] = set()
+    stop = None
+    while not stop:
+        active = [i for i, s in enumerate(states) if not s.done]
+        if not active:
             break
-        if timeout and time.perf_counter() - start >= timeout:
-            report.stop_reason = f"timeout={timeout}s reached"
-            break
-        want = runner.parallelism if limit is None else min(runner.parallelism, limit - len(report.trials))
-        configs = strat.propose(history, max(1, want))
-        if not configs:
-            break
-        results: list[TrialResult] = []
-        to_run: list[TrialConfig] = []
-        for cfg in configs:
-            hit = _reused(previous, job, cfg)
-            (results.append(hit) if hit else to_run.append(cfg))
-        if to_run:
-            log.info("nano-tfx: running %d %s/%s trial(s)", len(to_run), job.backend, job.precision)
-            results.extend(runner.run(job, to_run))
-        passing = []
-        for res in results:
-            _record(report, job, res)
-            score = _score(job, res, use_mse)
-            history.append((res.config, score))
-            if score is not None and (best is None or score > best[0]):
-                best = (score, res)
-            ok = not res.status.startswith("failed")
-            if (res.passed if controlled else ok):
-                passing.append(res)
-        for res in results:  # keep live models only for what may still be returned
-            if res not in passing and (best is None or res is not best[1]):
-                res.candidate = None
-        if passing:
-            chosen = min(passing, key=lambda r: (len(r.config.fallback), -(_score(job, r, False) or 0.0)))
-            report.stop_reason = "criterion met" if controlled else report.stop_reason
-            break
-
-    report.seconds = round(time.perf_counter() - start, 3)
-    winner = chosen or (best[1] if best else None)
-    if chosen is not None:
-        report.chosen = next(r.index for r in reversed(report.trials) if r.key == chosen.config.key())
-    report.met = (chosen is not None) if controlled else None
-    candidate = None
-    if winner is not None and not winner.status.startswith("failed"):
-        candidate = runner.load_candidate(job, winner) if winner.candidate is None else winner.candidate
-    return TuneOutcome(chosen, best[1] if best else None, candidate)
+        for i in active:
+            stop = budget.spent()
+            if stop:
+                break
+            state = states[i]
+            if i not in opened:
+                opened.add(i)
+                if not _open(state, strategy, report, strict):
+                    continue
+            _step(state, report, budget, runner, previous, hooks)
+    for state in states:
+        if not state.done:
+            state.outcome.stop_reason = stop
+    report.stop_reason = stop or (states[0].outcome.stop_reason if len(states) == 1 else "all backends tried")
+    for state in states:
+        outcome = state.outcome
+        winner = outcome.chosen or outcome.best
+        if winner is not None and not winner.failed:
+            outcome.candidate = winner.candidate or runner.load_candidate(state.job, winner)
+    return [s.outcome for s in states]
