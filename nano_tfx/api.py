@@ -23,7 +23,7 @@ from nano_tfx.metrics import check_metric_value, make_evaluator
 from nano_tfx.report import Report
 from nano_tfx.result import QuantizedModel
 from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialRunner
-from nano_tfx.tuning.strategies import STRATEGIES
+from nano_tfx.tuning.strategies import PUBLIC_STRATEGIES, STRATEGIES
 from nano_tfx.tuning.tuner import Budget, tune
 
 log = _logging.getLogger("nano_tfx")
@@ -70,7 +70,7 @@ def make_request(precision: str, accelerator: str | None, approach: str, accurac
     if approach not in APPROACHES:
         raise ValueError(f"approach: expected 'static' or 'dynamic', got {approach!r}")
     if tuning_strategy is not None and str(tuning_strategy).lower() not in STRATEGIES:
-        raise ValueError(f"tuning_strategy: expected one of {sorted(STRATEGIES)}, got {tuning_strategy!r}")
+        raise ValueError(f"tuning_strategy: expected one of {PUBLIC_STRATEGIES}, got {tuning_strategy!r}")
     criterion = AccuracyCriterion.parse(accuracy_criterion)
     if criterion is not None and not has_metric:
         raise ValueError("accuracy_criterion: needs a metric or eval_func to measure accuracy with")
@@ -259,7 +259,8 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     if previous_report is not None and previous_report.model_fingerprint not in (None, fp):
         previous_report = None  # another model: nothing to reuse
 
-    if evaluator is not None and baseline is None:
+    measured = evaluator is not None and baseline is None
+    if measured:
         baseline = measure_baseline(evaluator, source, evaluation)
     report = Report(
         backend="auto" if request.accelerator == "auto" else pairs[0][0], precision=request.precision,
@@ -293,6 +294,9 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     if chosen_outcome is not None:
         report.chosen = chosen_outcome.chosen_index
     final = chosen_outcome or _best_of(outcomes, request.criterion)
+    report.metric_evaluations = int(measured) + sum(t.evaluations or 0 for t in report.trials)
+    if final is not None:  # the FP32 layers of the model handed back, not of the other backends
+        report.kept_fp32 = [k for k in report.kept_fp32 if k["backend"] == final.job.backend]
     if final is None:
         failed = [t for t in report.trials if t.failed]
         detail = "; ".join(f"{t.backend}/{t.precision}: {t.error}" for t in failed[-3:]) or report.stop_reason
@@ -302,6 +306,7 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
         config=(final.chosen or final.best).config, backend=final.job.backend,
         workdir=workdir if own_workdir else None,
     )
+    result._job = final.job  # what QuantizedModel.diagnose needs (backend, options, FP32 source)
     loss, metrics = _compile_info(model) if not isinstance(model, (str, os.PathLike)) else (None, [])
     try:
         result.compile(loss=loss, metrics=metrics)

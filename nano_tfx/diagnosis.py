@@ -112,8 +112,12 @@ def compare(
     fp32: Tap,
     quantized: Tap,
     batches: Iterable[Sequence[np.ndarray]],
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> list[dict]:
-    """Run both taps on every batch; one row per layer (``layers``: (name, op type)), ranked."""
+    """Run both taps on every batch; one row per layer (``layers``: (name, op type)), ranked.
+
+    ``groups``: per layer, the fallback names that remove its error when the backend attaches
+    an activation's quantization to its producer (INC); default: the layer alone."""
     accs = {name: _Acc() for name, _ in layers}
     seen = False
     for batch in batches:
@@ -124,7 +128,10 @@ def compare(
                 acc.add(ref[name][0], got[name][0], ref[name][1], got[name][1])
     if not seen:
         raise ValueError("data: the diagnosis data yielded no batches")
-    return rank([accs[n].row(n, op) for n, op in layers if accs[n].count])
+    rows = [accs[n].row(n, op) for n, op in layers if accs[n].count]
+    for row in rows:
+        row["fallback"] = list((groups or {}).get(row["name"], [row["name"]]))
+    return rank(rows)
 
 
 def rank(rows: Iterable[dict]) -> list[dict]:

@@ -58,6 +58,8 @@ class SearchSpace:
 
     knobs: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     fallback_candidates: Sequence[str] = ()
+    #: knob values the sensitivity-guided default strategy uses instead of the defaults
+    guided: Mapping[str, Any] = field(default_factory=dict)
 
     def default(self) -> TrialConfig:
         return TrialConfig.make({k: v[0] for k, v in self.knobs.items() if v})
@@ -101,6 +103,7 @@ class AccuracyContext:
     drop_type: str  # "relative" | "absolute"
     higher_is_better: bool
     eval_batches: Callable[[], Iterator[tuple[list[np.ndarray], Any]]] | None = None
+    evaluations: int = 0  # metric evaluations made through ``evaluate`` (counted honestly)
 
 
 @dataclass(frozen=True)

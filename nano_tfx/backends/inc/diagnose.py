@@ -46,6 +46,19 @@ def _fused_end(graph, node: str, fused_type: str) -> str:
     return end
 
 
+def _producer(graph, node: str, compute: set[str]) -> str | None:
+    """The nearest compute node upstream of ``node``'s data input (through Relu, BiasAdd...)."""
+    frontier, seen = [graph.get_operation_by_name(node).inputs[0].op], 0
+    while frontier and seen < 12:
+        op = frontier.pop(0)
+        seen += 1
+        if op.name in compute:
+            return op.name
+        if op.type not in ("Placeholder", "Const"):
+            frontier += [t.op for t in op.inputs[:1]]
+    return None
+
+
 def _range_inputs(op) -> tuple[int, int] | None:
     names = [a.name for a in op.op_def.input_arg]
     for lo, hi in (("min_a", "max_a"), ("min_input", "max_input"), ("min_x", "max_x")):
@@ -100,7 +113,14 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
             out[n] = (xin, yout)
         return out
 
+    # INC quantizes an activation in its *producer's* fused op (``..._eightbit_requantize``): a
+    # layer's input error goes away only when the producer is kept in FP32 too.
+    compute = set(prepared.compute_nodes)
+    groups = {}
+    for name, _ in layers:
+        up = _producer(fp32_graph, name, compute)
+        groups[name] = [name] + ([up] if up else [])
     try:
-        return diagnosis.compare(layers, fp32, quant, batches)
+        return diagnosis.compare(layers, fp32, quant, batches, groups)
     finally:
         fp32_sess.close()

@@ -44,6 +44,32 @@ def _tap(path: str, input_names: Sequence[str], nodes: Sequence[str], so) -> dia
     return tap
 
 
+def _producer_groups(model_path: str, names: Sequence[str]) -> dict[str, list[str]]:
+    """Per weighted node, itself plus the nearest weighted node upstream of its data input: ORT
+    keeps the Q/DQ pair on a tensor whose producer is quantized, so excluding the consumer alone
+    leaves its input quantized (measured: a 1000x outlier input stays destroyed)."""
+    import onnx
+
+    graph = onnx.load(model_path, load_external_data=False).graph
+    made_by = {out: node for node in graph.node for out in node.output}
+    wanted = set(names)
+    groups = {}
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        group, tensor = [node.name], node.input[0]
+        for _ in range(12):
+            up = made_by.get(tensor)
+            if up is None:
+                break
+            if up.name in wanted:
+                group.append(up.name)
+                break
+            tensor = up.input[0] if up.input else ""
+        groups[node.name] = group
+    return groups
+
+
 def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray]]) -> list[dict]:
     from onnxruntime.quantization.qdq_loss_debug import modify_model_output_intermediate_tensors
 
@@ -67,6 +93,7 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
         so = backend.session_options()
         fp32 = _tap(fp32_aug, prepared.input_names, names, so)
         quant = _tap(q_aug, prepared.input_names, names, so)
-        return diagnosis.compare(layers, fp32, quant, batches)
+        groups = _producer_groups(prepared.model_path, names)
+        return diagnosis.compare(layers, fp32, quant, batches, groups)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -317,7 +317,10 @@ class OpenVINOBackend(Backend):
         }
         if prepared.has_attention:
             knobs["model_type"] = (None, "transformer")
-        return SearchSpace(knobs, prepared.fallback_candidates)
+        # Decision (issue 12): the default strategy's shared, diagnosis-driven ranking replaces
+        # NNCF's in-trial accuracy control (which re-evaluates the metric once per reverted
+        # group); the knob stays in the space for exhaustive/random/bayesian and explicit use.
+        return SearchSpace(knobs, prepared.fallback_candidates, guided={"accuracy_control": False})
 
     def quantize(
         self,
