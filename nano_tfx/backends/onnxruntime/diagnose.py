@@ -44,6 +44,15 @@ def _tap(path: str, input_names: Sequence[str], nodes: Sequence[str], so) -> dia
     return tap
 
 
+def _quantized_nodes(model_path: str) -> set[str]:
+    """Nodes whose weights come out of a ``DequantizeLinear`` (the quantized ones)."""
+    import onnx
+
+    graph = onnx.load(model_path, load_external_data=False).graph
+    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in graph.node if len(n.input) > 1 and n.input[1] in dq_outputs}
+
+
 def _producer_groups(model_path: str, names: Sequence[str]) -> dict[str, list[str]]:
     """Per weighted node, itself plus the nearest weighted node upstream of its data input: ORT
     keeps the Q/DQ pair on a tensor whose producer is quantized, so excluding the consumer alone
@@ -83,6 +92,8 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
         candidate = backend.quantize(prepared, "int8", requant, list(batches))
         model_path = candidate.model_path
     layers = [(n, op) for n, op in prepared.nodes if op in STATIC_WEIGHTED_OPS and n]
+    quantized = _quantized_nodes(model_path)
+    layers = [(n, op) for n, op in layers if n in quantized]  # fallback nodes have no row
     names = [n for n, _ in layers]
     tmp = tempfile.mkdtemp(prefix="diagnose_", dir=prepared.workdir)
     try:

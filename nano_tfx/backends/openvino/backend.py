@@ -398,10 +398,11 @@ class OpenVINOBackend(Backend):
                 validation_fn=validation_fn,
                 max_drop=float(accuracy.max_drop),
                 drop_type=drop_type,
+                advanced_quantization_parameters=_advanced_parameters(),
                 **common,
             )
         else:
-            quantized = nncf.quantize(model, calib_ds, **common)
+            quantized = nncf.quantize(model, calib_ds, advanced_parameters=_advanced_parameters(), **common)
         details = {
             "accuracy_control": use_ac,
             "calibration_batches": iterations,
@@ -476,6 +477,19 @@ class OpenVINOBackend(Backend):
         input_names = [t["name"] for t in manifest.get("inputs", [])] or [sorted(p.get_names())[0] for p in model.inputs]
         output_names = [t["name"] for t in manifest.get("outputs", [])] or [sorted(p.get_names())[0] for p in model.outputs]
         return self._candidate(model, precision, input_names, output_names, {"loaded_from": directory})
+
+
+def _advanced_parameters():
+    """7-bit weights on every layer (NNCF ``overflow_fix='enable'``, default: first layer only)
+    on x86 CPUs without VNNI: their U8S8 kernels sum int8 pairs into saturating int16
+    (VPMADDUBSW) - the same reason the ONNX Runtime backend defaults to ``reduce_range`` there.
+    Measured on the planted deep MLP (AVX2): planted layer in FP32, 0.956 -> 0.960 top-1."""
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    from nano_tfx.backends.onnxruntime.space import cpu_has_vnni  # a /proc/cpuinfo read, no ORT
+
+    fix = OverflowFix.ENABLE if cpu_has_vnni() is False else OverflowFix.FIRST_LAYER
+    return AdvancedQuantizationParameters(overflow_fix=fix)
 
 
 def _ov_version() -> str:

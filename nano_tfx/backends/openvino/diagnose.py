@@ -33,6 +33,22 @@ def _activation_input(op):
     return op.input_value(0)
 
 
+def _is_quantized(op) -> bool:
+    """NNCF left a FakeQuantize or int8/uint8 weights in front of the op (else: kept in FP32)."""
+    frontier, seen = [v.get_node() for v in op.input_values()], 0
+    while frontier and seen < 12:
+        node = frontier.pop()
+        seen += 1
+        kind = node.get_type_name()
+        if kind == "FakeQuantize":
+            return True
+        if kind == "Constant" and node.get_element_type().get_type_name() in ("i8", "u8", "i4", "u4"):
+            return True
+        if kind in ("Convert", "Multiply", "Subtract", "Reshape", "Transpose"):
+            frontier += [v.get_node() for v in node.input_values()]
+    return False
+
+
 def _tap(backend, model, names: Sequence[str], input_names: Sequence[str]) -> diagnosis.Tap:
     from nano_tfx.backends.openvino.backend import _core
 
@@ -48,9 +64,6 @@ def _tap(backend, model, names: Sequence[str], input_names: Sequence[str]) -> di
     compiled = _core().compile_model(model, "CPU", backend.compile_config("fp32"))
     request = compiled.create_infer_request()
     in_ports = list(compiled.inputs)
-    by_input = {}
-    for port in in_ports:
-        by_input[port.get_any_name()] = port
     order = [next(p for p in in_ports if n in p.get_names() or f"{n}:0" in p.get_names()) for n in input_names]
     dtypes = [p.get_element_type().to_dtype() for p in order]
 
@@ -69,6 +82,9 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
     layers = [(n, kinds.get(n)) for n in prepared.quantizable]
     names = [n for n, _ in layers]
     src = prepared.source
+    quantized = {op.get_friendly_name() for op in candidate.model.get_ordered_ops() if _is_quantized(op)}
+    layers = [(n, kind) for n, kind in layers if n in quantized]
+    names = [n for n, _ in layers]
     fp32 = _tap(backend, prepared.model(), names, src.input_names)
     quant = _tap(backend, candidate.model, names, src.input_names)
     return diagnosis.compare(layers, fp32, quant, batches)
