@@ -72,7 +72,6 @@ class BasicStrategy(Strategy):
         super().__init__(space, seed)
         self.ranking: list[str] | None = None
         self.diagnosed: set[str] = set()
-        self.fallback: tuple[str, ...] = ()
         self.reasons: dict[str, dict] = {}
         self.groups: dict[str, list[str]] = {}  # layer -> fallback names that remove its error
 

@@ -55,12 +55,22 @@ def _tap(backend, model, names: Sequence[str], input_names: Sequence[str]) -> di
     model = model.clone()
     by_name = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
     found = [n for n in names if n in by_name]
-    extra = []
+    # One tensor may be both a layer's output and the next layer's input, and add_outputs
+    # merges duplicates: give every distinct tensor one name of ours and fetch by that name.
+    tags: dict[tuple[str, int], str] = {}
+    pairs, unique = [], []
     for n in found:
         op = by_name[n]
-        extra += [_activation_input(op), op.output(0)]
-    first = len(model.outputs)
-    model.add_outputs(extra)
+        pair = []
+        for out in (_activation_input(op), op.output(0)):
+            key = (out.get_node().get_friendly_name(), out.get_index())
+            if key not in tags:
+                tags[key] = f"nano_tfx_diag_{len(tags)}"
+                out.get_tensor().add_names({tags[key]})
+                unique.append(out)
+            pair.append(tags[key])
+        pairs.append(pair)
+    model.add_outputs(unique)
     compiled = _core().compile_model(model, "CPU", backend.compile_config("fp32"))
     request = compiled.create_infer_request()
     in_ports = list(compiled.inputs)
@@ -69,8 +79,8 @@ def _tap(backend, model, names: Sequence[str], input_names: Sequence[str]) -> di
 
     def tap(batch):
         res = request.infer({p: np.ascontiguousarray(x, dtype=t) for p, x, t in zip(order, batch, dtypes)})
-        outs = [res[compiled.outputs[first + i]] for i in range(len(extra))]
-        return {n: (outs[2 * i], outs[2 * i + 1]) for i, n in enumerate(found)}
+        got = {tag: res[compiled.output(tag)] for tag in tags.values()}
+        return {n: (got[x], got[y]) for n, (x, y) in zip(found, pairs)}
 
     return tap
 
