@@ -41,6 +41,10 @@ def run_one(model, data, accelerator, strategy, max_trials, config_knobs=None):
         report, met = q.report, True
     except nano_tfx.AccuracyCriterionNotMet as err:
         report, met = err.report, False
+    except RuntimeError as err:  # every trial failed (e.g. each candidate collapsed)
+        return {"met": False, "trials": max_trials, "metric_evaluations": None,
+                "seconds": round(time.perf_counter() - started, 1), "fp32_layers": None, "metric": None,
+                "baseline": None, "worst_layer": None, "nncf_ac_in_trial": False, "error": str(err)[:120]}
     seconds = time.perf_counter() - started
     chosen = report.chosen_trial
     return {
