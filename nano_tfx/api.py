@@ -24,7 +24,7 @@ from nano_tfx.report import Report
 from nano_tfx.result import QuantizedModel
 from nano_tfx.speed import check_min_speedup, side_by_side
 from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialRunner
-from nano_tfx.tuning.strategies import STRATEGIES
+from nano_tfx.tuning.strategies import PUBLIC_STRATEGIES, STRATEGIES
 from nano_tfx.tuning.tuner import Budget, tune
 
 log = _logging.getLogger("nano_tfx")
@@ -73,7 +73,7 @@ def make_request(precision: str, accelerator: str | None, approach: str, accurac
     if approach not in APPROACHES:
         raise ValueError(f"approach: expected 'static' or 'dynamic', got {approach!r}")
     if tuning_strategy is not None and str(tuning_strategy).lower() not in STRATEGIES:
-        raise ValueError(f"tuning_strategy: expected one of {sorted(STRATEGIES)}, got {tuning_strategy!r}")
+        raise ValueError(f"tuning_strategy: expected one of {PUBLIC_STRATEGIES}, got {tuning_strategy!r}")
     criterion = AccuracyCriterion.parse(accuracy_criterion)
     if criterion is not None and not has_metric:
         raise ValueError("accuracy_criterion: needs a metric or eval_func to measure accuracy with")
@@ -276,7 +276,8 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     from nano_tfx.backends.tf_reference import TFSignatureCandidate
 
     reference = QuantizedModel(TFSignatureCandidate(source), source)  # the FP32 model being replaced
-    if evaluator is not None and baseline is None:
+    measured = evaluator is not None and baseline is None
+    if measured:
         baseline = measure_baseline(evaluator, source, evaluation, reference)
     timing_inputs = _timing_inputs(calib, evaluation)
     report = Report(
@@ -318,6 +319,9 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     if chosen_outcome is not None:
         report.chosen = chosen_outcome.chosen_index
     final = chosen_outcome or fallback
+    report.metric_evaluations = int(measured) + sum(t.evaluations or 0 for t in report.trials)
+    if final is not None:  # the FP32 layers of the model handed back, not of the other backends
+        report.kept_fp32 = [k for k in report.kept_fp32 if k["backend"] == final.job.backend]
     if final is None:
         failed = [t for t in report.trials if t.failed]
         detail = "; ".join(f"{t.backend}/{t.precision}: {t.error}" for t in failed[-3:]) or report.stop_reason
@@ -327,6 +331,7 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
         config=(final.chosen or final.best).config, backend=final.job.backend,
         workdir=workdir if own_workdir else None,
     )
+    result._job = final.job  # what QuantizedModel.diagnose needs (backend, options, FP32 source)
     loss, metrics = _compile_info(model) if not isinstance(model, (str, os.PathLike)) else (None, [])
     try:
         result.compile(loss=loss, metrics=metrics)

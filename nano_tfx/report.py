@@ -1,12 +1,24 @@
 """What a quantization run did: baseline, every trial, the choice. JSON, a text table, HTML."""
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
 TrialStatus = Literal["ok", "reused", "failed"]
+
+
+def _template(name: str):
+    """A template shipped in ``nano_tfx/templates`` (package data; works from an editable
+    install too, since it is read from the package directory)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("nano_tfx", "templates"),
+        autoescape=True,  # every value is user/model text: escape all of it
+        trim_blocks=True, lstrip_blocks=True,
+    )
+    return env.get_template(name)
 
 
 @dataclass
@@ -30,6 +42,7 @@ class TrialRecord:
     output_mse: float | None = None
     worker: str | None = None
     artifact_dir: str | None = None
+    evaluations: int | None = None  # metric evaluations made by this trial
 
     @property
     def failed(self) -> bool:
@@ -69,6 +82,13 @@ class Report:
     stop_reason: str | None = None
     # accelerator='auto': {trial index: batch-1 ms} of the finalists, re-timed side by side
     selection_latency_ms: dict | None = None
+    # per-layer diagnosis of the fully quantized model, worst first (nano_tfx.diagnosis rows
+    # plus "backend"); filled when the default strategy needed it, or by QuantizedModel.diagnose
+    layers: list[dict] = field(default_factory=list)
+    # layers the chosen config keeps in FP32 and why: {"name", "backend", "reason", + its row}
+    kept_fp32: list[dict] = field(default_factory=list)
+    # every evaluation of the user's metric: baseline + one per trial + in-trial ones (NNCF)
+    metric_evaluations: int | None = None
 
     # -- access ----------------------------------------------------------------------------
     def speed_summary(self) -> str:
@@ -151,19 +171,50 @@ class Report:
         ) + f"met={self.met}, trials={len(self.trials)}, {self.seconds:.1f}s; {self.speed_summary()}"
         return "\n".join([summary, head, sep, *body])
 
-    def to_html(self, plot_png_base64: str | None = None) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self._COLUMNS)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in self.rows()
-        )
-        img = f'<img alt="latency vs metric" src="data:image/png;base64,{plot_png_base64}"/>' if plot_png_base64 else ""
-        summary = html.escape(self.table().splitlines()[0])
-        return (
-            "<!doctype html><html><head><meta charset='utf-8'><title>nano-tfx quantization report</title>"
-            "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:2px 6px}"
-            "table{border-collapse:collapse}</style></head><body>"
-            f"<h1>Quantization report</h1><p>{summary}</p><table><tr>{head}</tr>{body}</table>{img}"
-            "</body></html>"
+    _LAYER_COLUMNS = ("#", "backend", "layer", "op", "added rel. MSE", "SQNR dB", "rel. MSE", "FP32 min",
+                      "FP32 max", "max/p99.9", "max/median")
+
+    def layer_rows(self, top: int | None = None) -> list[list[str]]:
+        def f(v, spec="{:.3g}"):
+            return "" if v is None else spec.format(v)
+
+        return [
+            [str(i), str(r.get("backend") or ""), str(r.get("name")), str(r.get("op") or ""), f(r.get("added_mse")),
+             f(r.get("sqnr_db"), "{:.1f}"), f(r.get("mse")), f(r.get("fp32_min")), f(r.get("fp32_max")),
+             f(r.get("outlier_ratio"), "{:.1f}"), f(r.get("range_ratio"), "{:.0f}")]
+            for i, r in enumerate(self.layers[:top] if top else self.layers)
+        ]
+
+    def layer_table(self, top: int | None = None) -> str:
+        """A markdown table of ``layers`` (worst first)."""
+        head = "| " + " | ".join(self._LAYER_COLUMNS) + " |"
+        sep = "|" + "|".join("---" for _ in self._LAYER_COLUMNS) + "|"
+        return "\n".join([head, sep, *("| " + " | ".join(r) + " |" for r in self.layer_rows(top))])
+
+    def _chart(self, top: int = 12) -> dict:
+        """Bars of the worst layers' added error (SVG geometry for the template)."""
+        worst = self.layers[:top]
+        peak = max([r.get("added_mse") or 0.0 for r in worst] + [1e-12])
+        labels = [str(r.get("name"))[-48:] for r in worst]
+        left = 7 * max([len(s) for s in labels] + [10])
+        bars = [
+            {"y": 16 * i, "label": label, "w": max(1, int(300 * max(r.get("added_mse") or 0.0, 0.0) / peak)),
+             "value": f"{r.get('added_mse') or 0.0:.3g}", "color": "#d9534f" if i == 0 else "#5b8def"}
+            for i, (r, label) in enumerate(zip(worst, labels))
+        ]
+        return {"bars": bars, "left": left, "width": left + 380, "height": 16 * len(bars) + 4}
+
+    def to_html(self, plot_png_base64: str | None = None, extra_sections: list[dict] | None = None) -> str:
+        """The report page (jinja2 template ``nano_tfx/templates/report.html.j2``).
+
+        ``extra_sections``: ``[{"title": str, "rows": [(key, value)], "text": str}]`` appended
+        by callers (the TFX Quantizer adds its decision and workers there)."""
+        template = _template("report.html.j2")
+        return template.render(
+            summary=self.table().splitlines()[0], columns=self._COLUMNS, rows=self.rows(),
+            plot=plot_png_base64, kept_fp32=self.kept_fp32, layers=self.layers,
+            chart=self._chart() if self.layers else None, layer_columns=self._LAYER_COLUMNS,
+            layer_rows=self.layer_rows(), extra_sections=extra_sections or [],
         )
 
     def plot_png(self, path: str) -> bool:

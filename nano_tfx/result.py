@@ -219,6 +219,38 @@ class QuantizedModel:
             raise ValueError(f"x: the model takes {len(self.inputs)} inputs, got {len(out)}")
         return out
 
+    def diagnose(self, data: Any, max_samples: int = 256) -> list[dict]:
+        """Per-layer quantization error of this model against its FP32 original on ``data``.
+
+        Args:
+            data: model inputs (an array, a list/dict of arrays, a ``tf.data.Dataset``, or an
+                ``(x, y)`` tuple whose labels are ignored); at most ``max_samples`` rows are used.
+            max_samples: rows to run through both models.
+
+        Returns:
+            One dict per quantized layer, worst first: ``name`` (the backend's fallback name,
+            containing the Keras layer name where the interchange keeps it), ``sqnr_db``, ``mse``
+            (relative), ``added_mse`` (error the layer itself adds: the ranking key),
+            ``drop_db``, ``fp32_min``/``fp32_max``, ``outlier_ratio``, ``range_ratio``.
+            See ``nano_tfx.diagnosis``.
+        """
+        from nano_tfx.data import make_batches
+        from nano_tfx.tuning.runner import TrialJob, diagnose_trial
+
+        job = getattr(self, "_job", None)
+        if job is None:
+            raise ValueError("self: diagnose needs the FP32 original; expected a model returned by "
+                             "nano_tfx.quantize in this process, got one loaded from disk")
+        if data is None:
+            raise ValueError("data: expected model inputs (arrays, a dataset or (x, y)), got None")
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+            raise ValueError(f"max_samples: expected a positive int, got {max_samples!r}")
+        x = data[0] if isinstance(data, tuple) and len(data) == 2 and self._single_input else data
+        batches = make_batches(x, self.inputs, sample_size=max_samples, argument="data").calibration()
+        from dataclasses import replace
+
+        return diagnose_trial(replace(job, calibration=batches), self._candidate, max_samples)
+
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Raw batch in, raw outputs out (input order; no conversion)."""
         return self._candidate.run(inputs)

@@ -502,6 +502,14 @@ def cmd_report(args) -> int:
         print(json.dumps(data, indent=2))
         return 0
     print(f"Report: {path}")
+    if getattr(args, "layers", False):
+        if not report.layers:
+            print("No per-layer diagnosis in this report (full INT8 met the criterion, or no metric).")
+        else:
+            print(report.layer_table())
+        for k in report.kept_fp32:
+            print(f"kept in FP32: {k['name']} ({k['backend']}): {k['reason']}")
+        return 0
     print(report.table())
     tfx_info = data.get("tfx") if isinstance(data, dict) else None
     if tfx_info:
@@ -625,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print a quantization report's table")
     r.add_argument("path", metavar="PATH", help="report.json, a quantized model dir, a report artifact or a demo root")
     r.add_argument("--format", choices=["table", "json"], default="table")
+    r.add_argument("--layers", action="store_true",
+                   help="print the per-layer diagnosis (worst first) and the layers kept in FP32")
     r.set_defaults(func=cmd_report)
     return parser
 

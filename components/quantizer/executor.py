@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import json
 import os
 import shutil
@@ -423,21 +422,19 @@ def _report_html(report: Any, tfx_info: dict, tmp_dir: str) -> str:
                 plot_b64 = base64.b64encode(f.read()).decode()
     except Exception as err:  # noqa: BLE001 - a missing plot must not fail the component
         logging.warning("Quantizer: no plot: %s", err)
-    page = report.to_html(plot_b64)
     workers: Dict[str, int] = {}
     for t in report.trials:
         if t.status != "reused" and t.worker:
             workers[t.worker] = workers.get(t.worker, 0) + 1
-    rows = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(tfx_info.get(k), default=str))}</td></tr>"
+    decision = [
+        (k, json.dumps(tfx_info.get(k), default=str))
         for k in ("blessed", "blessing_message", "metric", "baseline", "int8_metric", "value_bounds",
                   "user_criterion", "effective_criterion", "min_speedup", "speedup", "fp32_latency_ms",
                   "backend", "beam_runner", "tuning_runner", "trial_parallelism",
                   "resumed_from", "notes")
         if k in tfx_info
-    )
-    extra = (
-        f"<h2>TFX decision</h2><table>{rows}</table>"
-        f"<h2>Trials per worker</h2><p>{html.escape(json.dumps(workers))}</p>"
-    )
-    return page.replace("</body>", extra + "</body>")
+    ]
+    return report.to_html(plot_b64, extra_sections=[
+        {"title": "TFX decision", "rows": decision},
+        {"title": "Trials per worker", "text": json.dumps(workers)},
+    ])

@@ -34,10 +34,10 @@ def validate_accuracy_criterion(criterion: Any) -> dict | None:
 def _engine_check(accelerator: Any, precision: str, tuning_strategy: Any) -> None:
     """What the engine can't do (precision per accelerator, strategy names), before any run."""
     from nano_tfx.backends.base import backend_class
-    from nano_tfx.tuning.strategies import STRATEGIES
+    from nano_tfx.tuning.strategies import PUBLIC_STRATEGIES, STRATEGIES
 
     if tuning_strategy is not None and tuning_strategy.lower() not in STRATEGIES:
-        raise ValueError(f"tuning_strategy: expected one of {sorted(STRATEGIES)}, got {tuning_strategy!r}")
+        raise ValueError(f"tuning_strategy: expected one of {PUBLIC_STRATEGIES}, got {tuning_strategy!r}")
     if accelerator == "auto":
         return
     cls = backend_class(accelerator)

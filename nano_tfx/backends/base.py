@@ -58,6 +58,8 @@ class SearchSpace:
 
     knobs: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     fallback_candidates: Sequence[str] = ()
+    #: knob values the sensitivity-guided default strategy uses instead of the defaults
+    guided: Mapping[str, Any] = field(default_factory=dict)
 
     def default(self) -> TrialConfig:
         return TrialConfig.make({k: v[0] for k, v in self.knobs.items() if v})
@@ -101,6 +103,7 @@ class AccuracyContext:
     drop_type: str  # "relative" | "absolute"
     higher_is_better: bool
     eval_batches: Callable[[], Iterator[tuple[list[np.ndarray], Any]]] | None = None
+    evaluations: int = 0  # metric evaluations made through ``evaluate`` (counted honestly)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,11 @@ class Backend(abc.ABC):
     Lifecycle per ``quantize()`` call: ``validate`` (cheap, before any work) → ``prepare``
     (once: conversion, graph inspection) → ``search_space`` → ``quantize`` per trial → the
     chosen candidate is saved with ``Candidate.save`` and read back with ``load``.
+
+    The duties, each in its own module of the backend's package (``backends/<name>/``):
+    ``prepare`` (convert), ``search_space`` (space), ``quantize``, ``diagnose`` (per-layer
+    error of a quantized candidate against FP32, in the names ``TrialConfig.fallback`` accepts),
+    ``load``.
     """
 
     name: str = ""
@@ -169,6 +177,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, directory: str, manifest: Mapping[str, Any]) -> Candidate:
         """Load a candidate saved by ``Candidate.save`` (no FP32 model needed)."""
+
+    def diagnose(self, prepared: Any, candidate: Candidate, batches: Sequence[Sequence[np.ndarray]]) -> list[dict]:
+        """Per quantized layer: the error of its output against the FP32 model's same tensor on
+        ``batches`` (lists of input arrays). Returns ``nano_tfx.diagnosis.layer_stats`` dicts
+        ranked worst first (``nano_tfx.diagnosis.rank``); names are valid fallback names."""
+        raise NotImplementedError(f"backend {self.name!r} has no per-layer diagnosis")
 
     def describe(self) -> dict:
         return {"backend": self.name}

@@ -65,6 +65,7 @@ class TrialResult:
     status: str = "ok"  # "ok" | "reused" | "failed" (see nano_tfx.report.TrialStatus)
     error: str | None = None  # one line, when failed
     traceback: str | None = None
+    evaluations: int = 0  # metric evaluations this trial made (NNCF accuracy control: many)
     output_mse: float | None = None
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     artifact_dir: str | None = None
@@ -139,9 +140,10 @@ def accuracy_context(job: TrialJob) -> AccuracyContext | None:
     from nano_tfx.result import QuantizedModel
 
     def evaluate(run):
+        ctx.evaluations += 1
         return job.evaluator.evaluate(run, job.evaluation, model=QuantizedModel.from_run(run, job.source))
 
-    return AccuracyContext(
+    ctx = AccuracyContext(
         evaluate=evaluate,
         baseline=job.baseline,
         max_drop=job.criterion.max_drop,
@@ -149,6 +151,7 @@ def accuracy_context(job: TrialJob) -> AccuracyContext | None:
         higher_is_better=job.criterion.higher_is_better,
         eval_batches=lambda: iter(job.evaluation),
     )
+    return ctx
 
 
 class GarbageModelError(RuntimeError):
@@ -240,12 +243,15 @@ def _time_trial(job: TrialJob, candidate: Candidate, inputs: list, result: Trial
 def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
     """Quantize with ``config``, check, evaluate, time, optionally save. Failures become data."""
     start = time.perf_counter()
+    candidate = None
     try:
         backend, prepared = _backend_and_prepared(job)
-        candidate = backend.quantize(prepared, job.precision, config, job.calibration, accuracy_context(job))
+        ctx = accuracy_context(job)
+        candidate = backend.quantize(prepared, job.precision, config, job.calibration, ctx)
         check_outputs(job, candidate)
-        result = TrialResult(config, candidate=candidate)
+        result = TrialResult(config, candidate=candidate, evaluations=ctx.evaluations if ctx else 0)
         if job.evaluator is not None:
+            result.evaluations += 1
             from nano_tfx.result import QuantizedModel
 
             model = QuantizedModel(candidate, job.source)
@@ -267,10 +273,23 @@ def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
         result.size_bytes = candidate.size_bytes(result.artifact_dir)
     except Exception as err:  # a failed trial is a recorded outcome, not a crash of the run
         result = TrialResult.failure(config, err)
+        if isinstance(err, GarbageModelError):
+            result.candidate = candidate  # a collapsed model is what the diagnosis explains
         log.warning("nano-tfx: %s/%s trial %s failed: %s\n%s", job.backend, job.precision,
                     config.key(), result.error, result.traceback)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def diagnose_trial(job: TrialJob, candidate: Candidate, max_samples: int = 256) -> list[dict]:
+    """Per-layer error of a trial's candidate on calibration rows, worst first (see
+    ``nano_tfx.diagnosis``); ``NotImplementedError`` when the backend/precision can't."""
+    from nano_tfx.diagnosis import take_samples
+
+    if job.calibration is None:
+        raise NotImplementedError("diagnosis needs calibration data")
+    backend, prepared = _backend_and_prepared(job)
+    return backend.diagnose(prepared, candidate, take_samples(job.calibration, max_samples))
 
 
 class TrialRunner(abc.ABC):

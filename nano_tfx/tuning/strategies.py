@@ -56,10 +56,83 @@ class Strategy:
 
 
 class BasicStrategy(Strategy):
-    """INC's 'basic': global knobs one at a time, then each op alone in FP32 on top of the best
-    global setting, then accumulate the ops whose fallback helped most, most helpful first."""
+    """Sensitivity-guided fallback (the default). The fully quantized default first; when it
+    misses, the tuner diagnoses it (``Backend.diagnose``) and hands the ranking over with
+    ``set_ranking``; then the worst layer goes to FP32, then the next one on top, cumulatively.
+    When a step does not raise the score, the tuner re-diagnoses the latest trial and the
+    remaining layers are re-ranked. Without a ranking (a backend that can't diagnose) the
+    space's own fallback order is used. Knob variants come last.
+
+    ``SearchSpace.guided`` knob values replace the defaults for this strategy (OpenVINO turns
+    NNCF's in-trial accuracy control off: the shared ranking replaces it)."""
 
     name = "basic"
+
+    def __init__(self, space: SearchSpace, seed: int = 0):
+        super().__init__(space, seed)
+        self.ranking: list[str] | None = None
+        self.diagnosed: set[str] = set()
+        self.reasons: dict[str, dict] = {}
+        self.groups: dict[str, list[str]] = {}  # layer -> fallback names that remove its error
+
+    def base_knobs(self) -> dict:
+        return {**dict(self.space.default().knobs), **dict(self.space.guided)}
+
+    def wants_diagnosis(self, history: History) -> TrialConfig | None:
+        """The config whose candidate should be (re-)diagnosed now, or None."""
+        if not history:
+            return None
+        last, score = history[-1]
+        if last.key() in self.diagnosed:
+            return None
+        if self.ranking is None:
+            return last
+        previous = [s for _, s in history[:-1] if s is not None]
+        helped = score is not None and (not previous or score > max(previous))
+        return None if helped else last
+
+    def set_ranking(self, config: TrialConfig, layers: list[dict] | None) -> None:
+        """Layers of ``config``'s candidate, worst first (None: diagnosis unavailable)."""
+        self.diagnosed.add(config.key())
+        if layers is None:
+            if self.ranking is None:
+                self.ranking = list(self.space.fallback_candidates)
+            return
+        allowed = set(self.space.fallback_candidates)
+        for row in layers:
+            self.reasons.setdefault(row["name"], row)
+            self.groups.setdefault(row["name"], [n for n in row.get("fallback") or [row["name"]]])
+        ranked = [r["name"] for r in layers if r["name"] in allowed]
+        self.ranking = ranked + [n for n in self.space.fallback_candidates if n not in ranked]
+
+    def _candidates(self, history: History) -> Iterator[TrialConfig]:
+        base = self.base_knobs()
+        yield TrialConfig.make(base)
+        while self.ranking is not None:
+            best = self._best(history)
+            current = set(history[-1][0].fallback) if history else set()
+            if best is not None:
+                current |= set(best[0].fallback)
+            nxt = next((n for n in self.ranking if n not in current), None)
+            if nxt is None:
+                break
+            allowed = set(self.space.fallback_candidates)
+            group = {n for n in self.groups.get(nxt, [nxt]) if n in allowed} | {nxt}
+            cfg = TrialConfig.make(base, sorted(current | group))
+            if cfg.key() in self.tried:
+                break
+            yield cfg
+        best = self._best(history)
+        for cfg in self._knob_variants():
+            yield TrialConfig.make(dict(cfg.knobs), best[0].fallback if best else ())
+
+
+class OneByOneStrategy(Strategy):
+    """The pre-0.2 ``basic`` (INC's): global knobs one at a time, then each op alone in FP32 on
+    top of the best global setting, then accumulate the ops whose fallback helped most. One trial
+    per op before accumulating; kept as ``_one_by_one`` for comparisons (benchmarks)."""
+
+    name = "_one_by_one"
 
     def _candidates(self, history: History) -> Iterator[TrialConfig]:
         yield from self._knob_variants()
@@ -78,7 +151,7 @@ class BasicStrategy(Strategy):
             yield TrialConfig.make(base, base_fb + tuple(ranked[:k]))
 
 
-class MSEStrategy(BasicStrategy):
+class MSEStrategy(OneByOneStrategy):
     """INC's 'mse': like basic, but ops are ranked by how much keeping them in FP32 reduces the
     model output's mean squared error against FP32 (the tuner scores trials by -MSE)."""
 
@@ -180,6 +253,7 @@ class BayesianStrategy(RandomStrategy):
 STRATEGIES = {
     "basic": BasicStrategy,
     "auto": BasicStrategy,  # INC's name for its default strategy
+    "_one_by_one": OneByOneStrategy,  # the pre-0.2 basic (benchmarks compare against it)
     "mse": MSEStrategy,
     "exhaustive": ExhaustiveStrategy,
     "random": RandomStrategy,
@@ -187,8 +261,12 @@ STRATEGIES = {
 }
 
 
+#: the names users may pass (private ones, e.g. ``_one_by_one``, stay reachable by name)
+PUBLIC_STRATEGIES = sorted(k for k in STRATEGIES if not k.startswith("_"))
+
+
 def make_strategy(name: str | None, space: SearchSpace, seed: int = 0) -> Strategy:
     key = (name or "basic").lower()
     if key not in STRATEGIES:
-        raise ValueError(f"tuning_strategy: expected one of {sorted(STRATEGIES)}, got {name!r}")
+        raise ValueError(f"tuning_strategy: expected one of {PUBLIC_STRATEGIES}, got {name!r}")
     return STRATEGIES[key](space, seed)

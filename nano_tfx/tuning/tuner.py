@@ -20,7 +20,9 @@ from typing import Callable, Sequence
 
 from nano_tfx.backends.base import Candidate, SearchSpace, TrialConfig, backend_class
 from nano_tfx.report import Report, TrialRecord
-from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialResult, TrialRunner, _backend_and_prepared
+from nano_tfx.tuning.runner import (
+    LocalRunner, TrialJob, TrialResult, TrialRunner, _backend_and_prepared, diagnose_trial,
+)
 from nano_tfx.tuning.strategies import Strategy, make_strategy
 
 log = logging.getLogger("nano_tfx")
@@ -94,7 +96,7 @@ def _record(report: Report, job: TrialJob, result: TrialResult) -> TrialRecord:
         latency_ms=result.latency_ms, latency_batch_ms=result.latency_batch_ms, batch=job.latency_batch,
         size_bytes=result.size_bytes, seconds=round(result.seconds, 3), speedup=result.speedup,
         status=result.status,  # type: ignore[arg-type]
-        error=result.error, traceback=result.traceback,
+        error=result.error, traceback=result.traceback, evaluations=result.evaluations,
         output_mse=result.output_mse, worker=result.worker, artifact_dir=result.artifact_dir,
     )
     report.trials.append(rec)
@@ -194,6 +196,8 @@ def _step(state: _State, report: Report, budget: Budget, runner: TrialRunner, pr
             passing.append((res, rec.index))
         for hook in hooks:
             hook(rec)
+    if state.controlled and not passing:
+        _guide(state, report, runner, results)
     for res in results:  # keep live models only for what may still be returned
         if all(res is not p for p, _ in passing) and res is not outcome.best:
             res.candidate = None
@@ -202,6 +206,47 @@ def _step(state: _State, report: Report, budget: Budget, runner: TrialRunner, pr
             passing, key=lambda p: (len(p[0].config.fallback), -(_score(job, p[0], False) or 0.0)))
         outcome.stop_reason = "criterion met" if state.controlled else "no accuracy control: one trial"
         state.done = True
+
+
+def _guide(state: _State, report: Report, runner: TrialRunner, results: list[TrialResult]) -> None:
+    """Sensitivity-guided strategies: diagnose the trial the strategy asks about (the fully
+    quantized one, then the latest step that did not help) and hand it the layer ranking."""
+    strat, job = state.strategy, state.job
+    ask = getattr(strat, "wants_diagnosis", None)
+    cfg = ask(state.history) if ask else None
+    if cfg is None:
+        return
+    res = next((r for r in results if r.config.key() == cfg.key()), None)
+    layers = None
+    if res is not None and (not res.failed or res.candidate is not None):  # collapsed models too
+        started = time.perf_counter()
+        try:
+            layers = diagnose_trial(job, res.candidate or runner.load_candidate(job, res))
+            log.info("nano-tfx: %s/%s diagnosed %d layers in %.1fs; worst: %s", job.backend, job.precision,
+                     len(layers), time.perf_counter() - started, [r["name"] for r in layers[:3]])
+        except NotImplementedError as err:
+            log.info("nano-tfx: %s/%s: no diagnosis (%s); using the backend's fallback order",
+                     job.backend, job.precision, err)
+        except Exception as err:  # noqa: BLE001 - a diagnosis failure must not end the search
+            log.warning("nano-tfx: %s/%s diagnosis failed (%s: %s); using the backend's fallback order",
+                        job.backend, job.precision, type(err).__name__, err)
+    strat.set_ranking(cfg, layers)
+    if layers and not any(r.get("backend") == job.backend for r in report.layers):
+        report.layers.extend({**row, "backend": job.backend, "precision": job.precision} for row in layers)
+
+
+def _kept_fp32(state: _State) -> list[dict]:
+    """The chosen config's FP32 layers with the diagnosis that put them there."""
+    chosen = state.outcome.chosen
+    reasons = getattr(state.strategy, "reasons", {}) if state.strategy else {}
+    out = []
+    for name in chosen.config.fallback if chosen else ():
+        row = reasons.get(name)
+        why = ("not diagnosed (backend's fallback order)" if row is None else
+               f"adds relative MSE {row['added_mse']:.3g} (output SQNR {row['sqnr_db']:.1f} dB, "
+               f"input max/median {row.get('range_ratio')})")
+        out.append({"name": name, "backend": state.job.backend, "reason": why, **(row or {})})
+    return out
 
 
 def tune(
@@ -252,6 +297,7 @@ def tune(
         if not state.done:
             state.outcome.stop_reason = stop
     report.stop_reason = stop or (states[0].outcome.stop_reason if len(states) == 1 else "all backends tried")
+    report.kept_fp32 = [k for state in states for k in _kept_fp32(state)]
     for state in states:
         outcome = state.outcome
         winner = outcome.chosen or outcome.best

@@ -8,20 +8,19 @@ The INT8 kernels need oneDNN (see ``nano_tfx._env``).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from nano_tfx.backends.base import (
     AccuracyContext, Backend, CalibrationData, Candidate, SearchSpace, TrialConfig, register,
 )
+from nano_tfx.backends.inc.convert import _COMPUTE_OPS, _frozen_graph, _tensor_names
+from nano_tfx.backends.inc.quantize import _capture_calibration_on_fd2, _Loader, contained_temp_files
 from nano_tfx.interchange import SavedModelSource, TensorInfo, export_signature_as_default
-
-_COMPUTE_OPS = ("Conv2D", "DepthwiseConv2dNative", "MatMul", "Conv3D", "BatchMatMulV2")
 
 
 @dataclass
@@ -31,82 +30,6 @@ class _Prepared:
     compute_nodes: list[str]
     input_nodes: list[str]  # frozen-graph placeholder names, in source.inputs order
     model_path: str  # what INC's fit() loads: a SavedModel whose serving_default is the signature
-
-
-class _Loader:
-    """INC's calibration dataloader protocol: ``batch_size`` + iterable of ``(inputs, label)``."""
-
-    def __init__(self, data: CalibrationData, names: Sequence[str]):
-        self.data, self.names = data, list(names)
-        first = next(iter(data))
-        self.batch_size = int(len(first[0]))
-        self.samples = sum(len(b[0]) for b in data)
-
-    def __iter__(self):
-        for xs in self.data:
-            yield (xs[0] if len(xs) == 1 else dict(zip(self.names, xs))), 0
-
-
-def _capture_calibration_on_fd2() -> None:
-    """INC reads calibration ranges that TF's Print ops write to file descriptor 2, by
-    redirecting the fd of whatever ``sys.stderr`` was when INC was imported. Under pytest,
-    Jupyter or a Beam worker that object is not fd 2 and calibration silently reads nothing
-    ("list index out of range"). Point it at the real stderr."""
-    import sys
-
-    from neural_compressor.utils import utility
-
-    if sys.__stderr__ is not None:
-        utility.CaptureOutputToFile.__init__.__defaults__ = (sys.__stderr__,)
-
-
-@contextlib.contextmanager
-def contained_temp_files(directory: str) -> Iterator[None]:
-    """Keep INC's temporary files in ``directory`` and remove them after.
-
-    INC's graph converter calls ``tempfile.mkstemp(suffix=".log")`` per calibration and drops the
-    descriptor (one leaked fd and one ``tmp*.log`` in the system temp dir per trial). Point
-    ``tempfile`` at our own folder while INC runs, then close the descriptors left open on files
-    in it and delete it.
-    """
-    import shutil
-    import tempfile
-
-    os.makedirs(directory, exist_ok=True)
-    directory = os.path.realpath(directory)
-    saved = tempfile.tempdir
-    tempfile.tempdir = directory
-    try:
-        yield
-    finally:
-        tempfile.tempdir = saved
-        fd_dir = "/proc/self/fd"
-        # Every descriptor still open on a file in our folder is one INC dropped (the folder is
-        # ours alone), whatever its number (numbers are reused, so no before/after diff).
-        for fd in os.listdir(fd_dir) if os.path.isdir(fd_dir) else ():
-            try:
-                if os.readlink(os.path.join(fd_dir, fd)).startswith(directory + os.sep):
-                    os.close(int(fd))
-            except OSError:
-                pass
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _frozen_graph(source: SavedModelSource):
-    """The signature as a constant GraphDef + its input placeholders and outputs, ordered
-    like ``source.inputs`` / ``source.outputs``."""
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    _, fn = source.load_signature()
-    frozen = convert_variables_to_constants_v2(fn)
-    graph_def = frozen.graph.as_graph_def()
-    # Flat inputs follow the signature's sorted keyword names; outputs its sorted output keys.
-    arg_names = sorted(fn.structured_input_signature[1])
-    placeholders = [t.name.split(":")[0] for t in frozen.inputs if t.dtype != tf.resource]
-    by_arg = dict(zip(arg_names, placeholders))
-    outs = dict(zip(sorted(fn.structured_outputs), [t.name.split(":")[0] for t in frozen.outputs]))
-    return graph_def, [by_arg[n] for n in source.input_names], [outs[n] for n in source.output_names]
 
 
 class IncCandidate(Candidate):
@@ -253,6 +176,12 @@ class IncBackend(Backend):
             precision, self.options.thread_num,
         )
 
+    def diagnose(self, prepared: _Prepared, candidate: Candidate,
+                 batches: Sequence[Sequence[np.ndarray]]) -> list[dict]:
+        from nano_tfx.backends.inc.diagnose import diagnose
+
+        return diagnose(self, prepared, candidate, batches)
+
     def load(self, directory: str, manifest: Mapping[str, Any]) -> IncCandidate:
         import tensorflow as tf
 
@@ -268,10 +197,3 @@ class IncBackend(Backend):
             extra["output_tensors"], manifest.get("precision", "int8"), self.options.thread_num,
         )
 
-
-def _tensor_names(nodes: Sequence[str], sorted_keys: Sequence[str], wanted: Sequence[str]) -> list[str]:
-    """INC's frozen graph lists inputs/outputs in the signature's sorted key order; reorder
-    them to ours."""
-    tensors = [n if ":" in n else f"{n}:0" for n in nodes]
-    by_key = dict(zip(sorted_keys, tensors))
-    return [by_key[k] for k in wanted]

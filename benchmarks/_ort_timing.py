@@ -1,6 +1,6 @@
 """Timing check (not a test): ONNX Runtime backend on MobileNetV2 (random weights), batch 1.
 
-    .venv/bin/python -m nano_tfx.backends._ort_timing [--threads N] [--configs all]
+    .venv/bin/python -m benchmarks._ort_timing [--threads N] [--configs all]
 
 Reports FP32 ORT latency, INT8 latency per static config, and ``OrtCandidate.run`` vs a raw
 ``sess.run`` on the same session (the wrapper must stay within 5%). Builds nothing persistent:

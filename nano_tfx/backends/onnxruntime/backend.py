@@ -29,8 +29,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -43,79 +42,17 @@ from nano_tfx.backends.base import (
     TrialConfig,
     register,
 )
+from nano_tfx.backends.onnxruntime.convert import OrtPrepared, _convert_to_onnx, _preprocess, _weight_spread
+from nano_tfx.backends.onnxruntime.quantize import _CALIB_CHUNK, _calibration_reader, _largest_divisor_at_most
+from nano_tfx.backends.onnxruntime.space import (
+    _OPSET_RANGE, ACTIVATION_TYPES, CALIBRATE_METHODS, DEFAULT_OPSET, DYNAMIC_WEIGHTED_OPS, FORMATS,
+    FP16_WEIGHTED_OPS, KNOBS, METHODS, STATIC_WEIGHTED_OPS, WEIGHT_TYPES, _order_by_sensitivity, cpu_has_vnni,
+)
 from nano_tfx.interchange import SavedModelSource, TensorInfo
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("nano_tfx.backends.onnxruntime")
 
 MODEL_FILE = "model.onnx"
-DEFAULT_OPSET = 17
-_OPSET_RANGE = (13, 17)
-
-#: Op types whose weights make them worth keeping in FP32 (the fallback candidates).
-STATIC_WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM")
-DYNAMIC_WEIGHTED_OPS = ("Conv", "MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormalization")
-FP16_WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-
-FORMATS = ("QDQ", "QOperator")
-ACTIVATION_TYPES = ("uint8", "int8")
-WEIGHT_TYPES = ("int8", "uint8")
-CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")
-METHODS = ("qlinear", "integer")
-#: Knob names each kind of trial understands (anything else in a TrialConfig is an error).
-KNOBS = {
-    "static": {"approach", "format", "activation_type", "per_channel", "calibrate_method", "reduce_range"},
-    "dynamic": {"approach", "per_channel", "weight_type", "quantize_conv", "reduce_range"},
-    "fp16": set(),
-}
-
-#: Calibration batches per collection chunk (ORT keeps every activation of a chunk in RAM
-#: before reducing it to ranges/histograms).
-_CALIB_CHUNK = 8
-
-
-def cpu_has_vnni() -> bool | None:
-    """True/False from /proc/cpuinfo on x86 Linux; None when unknown (then no extra knob)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    except OSError:
-        pass
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Prepared state
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class OrtPrepared:
-    """Everything a trial needs; plain data, safe to pickle."""
-
-    source: SavedModelSource
-    workdir: str  # <workdir>/onnxruntime, owned by this backend
-    fp32_path: str  # tf2onnx output
-    model_path: str  # pre-processed model every trial starts from
-    preprocessed: str  # "full" | "full_auto_merge" | "no_symbolic_shape" | "none" (quant_pre_process)
-    opset: int
-    input_names: list[str]
-    output_names: list[str]
-    #: (node name, op type) of every node in graph order, pre-processed model
-    nodes: list[tuple[str, str]] = field(default_factory=list)
-    #: node name → weight-range spread (max over channels / median over channels of |w|max)
-    weight_spread: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def trials_dir(self) -> str:
-        return os.path.join(self.workdir, "trials")
-
-    def quantizable(self, op_types: Iterable[str]) -> list[str]:
-        ops = set(op_types)
-        return [name for name, op in self.nodes if op in ops and name]
-
 
 # --------------------------------------------------------------------------------------------
 # Candidate
@@ -232,165 +169,6 @@ def _quiet(fn, path) -> None:
         fn(path)
     except OSError:
         pass
-
-
-# --------------------------------------------------------------------------------------------
-# Calibration reader
-# --------------------------------------------------------------------------------------------
-
-
-def _calibration_reader(calibration: Iterable[Sequence[np.ndarray]], input_names: Sequence[str]):
-    """``calibration`` batches (lists in input order) → an ORT reader with ``set_range``.
-
-    The batches are materialised once (the calibration set is already capped by the engine);
-    ORT's strided collection then walks them chunk by chunk.
-    """
-    from onnxruntime.quantization import CalibrationDataReader
-
-    names = list(input_names)
-
-    def feed(batch) -> dict:
-        if len(batch) != len(names):
-            raise ValueError(
-                f"calibration: each batch must hold {len(names)} arrays (inputs {names}), "
-                f"got {len(batch)}"
-            )
-        return {n: np.asarray(a) for n, a in zip(names, batch)}
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self):
-            self._batches = [feed(b) for b in calibration]
-            self._pos, self._end = 0, len(self._batches)
-
-        def __len__(self):
-            return len(self._batches)
-
-        def set_range(self, start_index: int, end_index: int):
-            self._pos, self._end = start_index, min(end_index, len(self._batches))
-
-        def get_next(self):
-            if self._pos >= self._end:
-                return None
-            self._pos += 1
-            return self._batches[self._pos - 1]
-
-    return _Reader()
-
-
-def _largest_divisor_at_most(n: int, cap: int) -> int:
-    for d in range(min(cap, n), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
-
-
-# --------------------------------------------------------------------------------------------
-# Graph helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _weight_spread(model) -> dict[str, float]:
-    """Per weighted node: max(|w| per output channel) / median(...). Large = per-tensor-hostile."""
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    spread: dict[str, float] = {}
-    for node in model.graph.node:
-        if node.op_type not in STATIC_WEIGHTED_OPS or len(node.input) < 2:
-            continue
-        init = inits.get(node.input[1])
-        if init is None:
-            continue
-        try:
-            w = numpy_helper.to_array(init).astype(np.float32)
-        except Exception:  # pragma: no cover - exotic initializers
-            continue
-        if w.ndim < 2:
-            continue
-        if node.op_type in ("Conv",):
-            axis = 0
-        elif node.op_type == "ConvTranspose":
-            axis = 1
-        elif node.op_type == "Gemm":
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            axis = 0 if trans_b else 1
-        else:  # MatMul: [K, N]
-            axis = w.ndim - 1
-        per_ch = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
-        med = float(np.median(per_ch))
-        spread[node.name] = float(per_ch.max() / med) if med > 0 else float("inf")
-    return spread
-
-
-def _order_by_sensitivity(names: list[str], spread: Mapping[str, float]) -> list[str]:
-    """First and last weighted node first (classic sensitive layers), then by weight spread."""
-    if len(names) <= 2:
-        return list(names)
-    head = [names[0], names[-1]]
-    rest = names[1:-1]
-    order = {n: i for i, n in enumerate(rest)}
-    rest = sorted(rest, key=lambda n: (-spread.get(n, 0.0), order[n]))
-    return head + rest
-
-
-def _convert_to_onnx(source: SavedModelSource, output_path: str, opset: int) -> None:
-    """tf2onnx from the SavedModel signature; names follow the signature's structured names."""
-    import tensorflow as tf
-    from tf2onnx import tf_loader
-    from tf2onnx.convert import _convert_common
-
-    graph_def, inputs, outputs, tables, renames = tf_loader.from_saved_model(
-        source.path,
-        None,
-        None,
-        tag=["serve"],
-        signatures=[source.signature_key],
-        return_initialized_tables=True,
-        return_tensors_to_rename=True,
-    )
-    with tf.device("/cpu:0"):
-        _convert_common(
-            graph_def,
-            name=source.path,
-            opset=opset,
-            input_names=inputs,
-            output_names=outputs,
-            tensors_to_rename=renames,
-            initialized_tables=tables,
-            output_path=output_path,
-        )
-
-
-def _preprocess(src: str, dst: str) -> str:
-    """``quant_pre_process`` with graceful degradation; returns how far it got."""
-    from onnxruntime.quantization import quant_pre_process
-
-    attempts = (
-        ("full", {}),
-        # e.g. two inputs whose free batch dims got different symbols, joined by a Concat
-        ("full_auto_merge", {"auto_merge": True}),
-        ("no_symbolic_shape", {"skip_symbolic_shape": True}),
-    )
-    # A failed symbolic inference dumps its partial model (and uuid-named external-data files)
-    # into the *current directory*: run it from a scratch directory of our own.
-    scratch = tempfile.mkdtemp(prefix="ort_preprocess_", dir=os.path.dirname(os.path.abspath(dst)))
-    src, dst = os.path.abspath(src), os.path.abspath(dst)
-    cwd = os.getcwd()
-    try:
-        os.chdir(scratch)
-        for label, kwargs in attempts:
-            try:
-                quant_pre_process(src, dst, **kwargs)
-                if os.path.exists(dst):
-                    return label
-            except Exception as exc:  # symbolic shape inference / optimiser can fail on odd graphs
-                logger.info("quant_pre_process (%s) failed: %s", label, exc)
-    finally:
-        os.chdir(cwd)
-        shutil.rmtree(scratch, ignore_errors=True)
-    logger.warning("quant_pre_process failed (see info log); quantizing the un-preprocessed model")
-    shutil.copyfile(src, dst)
-    return "none"
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,6 +453,13 @@ class OnnxRuntimeBackend(Backend):
         model = onnx.load(prepared.model_path)
         model = convert_float_to_float16(model, keep_io_types=True, node_block_list=fallback or None)
         onnx.save(model, out)
+
+    # ---- diagnose ---------------------------------------------------------------------------
+
+    def diagnose(self, prepared: OrtPrepared, candidate: Candidate, batches: Sequence[Sequence[np.ndarray]]) -> list[dict]:
+        from nano_tfx.backends.onnxruntime.diagnose import diagnose
+
+        return diagnose(self, prepared, candidate, batches)
 
     # ---- load -------------------------------------------------------------------------------
 

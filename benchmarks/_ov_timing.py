@@ -1,6 +1,6 @@
 """Timing check (not a test): OpenVINO backend on MobileNetV2 (random weights), batch 1.
 
-    .venv/bin/python -m nano_tfx.backends._ov_timing [--threads N] [--n 200]
+    .venv/bin/python -m benchmarks._ov_timing [--threads N] [--n 200]
 
 For FP32 (f32 hint), INT8 (default NNCF config) and, where the CPU has it, BF16: latency of
 ``OpenVINOCandidate.run`` vs raw OpenVINO on the *same* compiled model:

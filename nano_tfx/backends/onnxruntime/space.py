@@ -1,0 +1,48 @@
+"""ONNX Runtime search space: knob values, weighted op types, fallback order."""
+from __future__ import annotations
+
+from typing import Mapping
+
+
+DEFAULT_OPSET = 17
+_OPSET_RANGE = (13, 17)
+
+#: Op types whose weights make them worth keeping in FP32 (the fallback candidates).
+STATIC_WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM")
+DYNAMIC_WEIGHTED_OPS = ("Conv", "MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormalization")
+FP16_WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+FORMATS = ("QDQ", "QOperator")
+ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_TYPES = ("int8", "uint8")
+CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")
+METHODS = ("qlinear", "integer")
+#: Knob names each kind of trial understands (anything else in a TrialConfig is an error).
+KNOBS = {
+    "static": {"approach", "format", "activation_type", "per_channel", "calibrate_method", "reduce_range"},
+    "dynamic": {"approach", "per_channel", "weight_type", "quantize_conv", "reduce_range"},
+    "fp16": set(),
+}
+
+def cpu_has_vnni() -> bool | None:
+    """True/False from /proc/cpuinfo on x86 Linux; None when unknown (then no extra knob)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    except OSError:
+        pass
+    return None
+
+
+def _order_by_sensitivity(names: list[str], spread: Mapping[str, float]) -> list[str]:
+    """First and last weighted node first (classic sensitive layers), then by weight spread."""
+    if len(names) <= 2:
+        return list(names)
+    head = [names[0], names[-1]]
+    rest = names[1:-1]
+    order = {n: i for i, n in enumerate(rest)}
+    rest = sorted(rest, key=lambda n: (-spread.get(n, 0.0), order[n]))
+    return head + rest

@@ -1,0 +1,184 @@
+"""Per-layer quantization error, the same numbers for every backend.
+
+A backend's ``diagnose`` taps, for each quantized layer, the tensor entering the layer (as the
+quantized model feeds it, i.e. after its activation quantization) and the layer's output, in the
+FP32 model and in the quantized model, with the engine's own tooling (ONNX Runtime
+``qdq_loss_debug``, OpenVINO ``Model.add_outputs``, TF graph tensors for INC). This module turns
+those pairs into one row per layer and ranks them.
+
+Why rank by ``added_mse`` and not by ``sqnr_db``: the output error of a layer includes everything
+upstream, so every layer behind a bad one looks as bad. ``added_mse`` (relative MSE of the output
+minus relative MSE of the input as the layer receives it) is the error the layer itself adds: a
+layer whose input holds a 1000x outlier channel adds a relative error near 1 there (the
+quantization step, set by the outlier, wipes the other channels) although its *input* error
+looks small (the outlier dominates the input's power); the layers behind it add little more.
+It is linear rather than in dB so that a layer behind an already noisy one (input SQNR 6 dB,
+say on CPUs whose INT8 kernels saturate) is not credited with a large dB drop for a small error.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from nano_tfx.backends.base import CalibrationData
+
+#: Caps SQNR of exact tensors (noise 0) so that drops stay finite and comparable.
+MAX_SQNR_DB = 120.0
+#: Elements kept per layer for the outlier percentile (a percentile needs the values).
+_SAMPLE = 200_000
+
+Tap = Callable[[Sequence[np.ndarray]], Mapping[str, tuple[np.ndarray | None, np.ndarray]]]
+
+
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    if noise_power <= 0:
+        return MAX_SQNR_DB
+    if signal_power <= 0:
+        return -MAX_SQNR_DB
+    return float(min(MAX_SQNR_DB, max(-MAX_SQNR_DB, 10.0 * math.log10(signal_power / noise_power))))
+
+
+class _Acc:
+    """Running sums for one layer (no activations kept beyond a sample for the percentile)."""
+
+    def __init__(self) -> None:
+        self.sig = self.noise = self.in_sig = self.in_noise = 0.0
+        self.count = 0
+        self.lo, self.hi = math.inf, -math.inf
+        self.sample: list[np.ndarray] = []
+        self.kept = 0
+
+    def add(self, ref_in, q_in, ref_out, q_out) -> None:
+        ref_out = np.asarray(ref_out, np.float64).ravel()
+        q_out = np.asarray(q_out, np.float64).ravel()
+        if ref_out.shape != q_out.shape:
+            return
+        good = np.isfinite(ref_out) & np.isfinite(q_out)  # user data may hold NaN/inf
+        self.sig += float(np.sum(ref_out[good] ** 2))
+        self.noise += float(np.sum((q_out[good] - ref_out[good]) ** 2))
+        self.count += int(good.sum())
+        if ref_in is None or q_in is None:
+            return
+        ref_in = np.asarray(ref_in, np.float64).ravel()
+        q_in = np.asarray(q_in, np.float64).ravel()
+        if ref_in.shape != q_in.shape:
+            return
+        ok = np.isfinite(ref_in) & np.isfinite(q_in)
+        self.in_sig += float(np.sum(ref_in[ok] ** 2))
+        self.in_noise += float(np.sum((q_in[ok] - ref_in[ok]) ** 2))
+        if ok.any():
+            self.lo, self.hi = min(self.lo, float(ref_in[ok].min())), max(self.hi, float(ref_in[ok].max()))
+        if self.kept < _SAMPLE:
+            part = np.abs(ref_in[ok][: _SAMPLE - self.kept])
+            self.sample.append(part)
+            self.kept += part.size
+
+    def row(self, name: str, op: str | None) -> dict:
+        out_db = sqnr_db(self.sig, self.noise)
+        # relative MSE: noise power / signal power (capped at 1e6 for a zero signal)
+        mse = float(self.noise / self.sig) if self.sig > 0 else (0.0 if self.noise == 0 else 1e6)
+        in_mse = float(self.in_noise / self.in_sig) if self.in_sig > 0 else 0.0
+        in_db = sqnr_db(self.in_sig, self.in_noise) if self.in_sig or self.in_noise else None
+        outlier = spread = None
+        if self.sample:
+            mags = np.concatenate(self.sample)
+            p999 = float(np.percentile(mags, 99.9)) if mags.size else 0.0
+            outlier = round(float(mags.max()) / p999, 2) if p999 > 0 else None
+            # A whole outlier *channel* is more than 0.1% of the values (p99.9 sits inside it):
+            # the max over the typical (median non-zero) magnitude shows it.
+            nonzero = mags[mags > 0]
+            med = float(np.median(nonzero)) if nonzero.size else 0.0
+            spread = round(float(mags.max()) / med, 1) if med > 0 else None
+        return {
+            "name": name,
+            "op": op,
+            "sqnr_db": round(out_db, 2),
+            # relative MSE: noise power / signal power of the layer output
+            "mse": mse,
+            "added_mse": round(mse - in_mse, 6),
+            "input_sqnr_db": None if in_db is None else round(in_db, 2),
+            "drop_db": round((in_db if in_db is not None else MAX_SQNR_DB) - out_db, 2),
+            "fp32_min": None if self.lo == math.inf else self.lo,
+            "fp32_max": None if self.hi == -math.inf else self.hi,
+            "outlier_ratio": outlier,  # max |x| / 99.9th percentile |x| of the FP32 input
+            "range_ratio": spread,  # max |x| / median non-zero |x| of the FP32 input
+        }
+
+
+def compare(
+    layers: Sequence[tuple[str, str | None]],
+    fp32: Tap,
+    quantized: Tap,
+    batches: Iterable[Sequence[np.ndarray]],
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> list[dict]:
+    """Run both taps on every batch; one row per layer (``layers``: (name, op type)), ranked.
+
+    ``groups``: per layer, the fallback names that remove its error when the backend attaches
+    an activation's quantization to its producer (INC); default: the layer alone."""
+    accs = {name: _Acc() for name, _ in layers}
+    seen = False
+    for batch in batches:
+        seen = True
+        ref, got = fp32(batch), quantized(batch)
+        for name, acc in accs.items():
+            if name in ref and name in got:
+                acc.add(ref[name][0], got[name][0], ref[name][1], got[name][1])
+    if not seen:
+        raise ValueError("data: the diagnosis data yielded no batches")
+    rows = [accs[n].row(n, op) for n, op in layers if accs[n].count]
+    for row in rows:
+        row["fallback"] = list((groups or {}).get(row["name"], [row["name"]]))
+    return rank(rows)
+
+
+def rank(rows: Iterable[dict]) -> list[dict]:
+    """Worst first: the most error added inside the layer, then the most SQNR lost there."""
+    return sorted(rows, key=lambda r: (-(r.get("added_mse") or 0.0), -(r.get("drop_db") or 0.0)))
+
+
+class Batches(CalibrationData):
+    """A materialised list of input batches as ``CalibrationData`` (re-iterable)."""
+
+    def __init__(self, batches: Sequence[Sequence[np.ndarray]]):
+        self._batches = [list(b) for b in batches]
+        self.batch_size = len(self._batches[0][0]) if self._batches and self._batches[0] else 1
+        self.num_samples = sum(len(b[0]) for b in self._batches if b)
+
+    def __iter__(self):
+        return iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+def take_samples(data: Iterable[Sequence[np.ndarray]], max_samples: int) -> list[list[np.ndarray]]:
+    """At most ``max_samples`` rows of ``data`` (batches of input lists), materialised once."""
+    out: list[list[np.ndarray]] = []
+    left = int(max_samples)
+    for batch in data:
+        if left <= 0:
+            break
+        xs = [np.asarray(x) for x in batch]
+        xs = [x[:left] for x in xs]
+        out.append(xs)
+        left -= len(xs[0]) if xs and xs[0].ndim else 1
+    return out
+
+
+def format_table(layers: Sequence[Mapping], top: int | None = None) -> str:
+    """A markdown table of ``layers`` (worst first), for the CLI and logs."""
+    cols = ("#", "layer", "op", "SQNR dB", "drop dB", "rel. MSE", "added", "FP32 min", "FP32 max", "max/p99.9", "max/median")
+    rows = []
+    for i, r in enumerate(layers[:top] if top else layers):
+        def f(v, spec="{:.3g}"):
+            return "" if v is None else spec.format(v)
+
+        rows.append([str(i), str(r.get("name")), str(r.get("op") or ""), f(r.get("sqnr_db"), "{:.1f}"),
+                     f(r.get("drop_db"), "{:.1f}"), f(r.get("mse")), f(r.get("added_mse")), f(r.get("fp32_min")), f(r.get("fp32_max")),
+                     f(r.get("outlier_ratio"), "{:.1f}"), f(r.get("range_ratio"), "{:.0f}")])
+    head = "| " + " | ".join(cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    return "\n".join([head, sep, *("| " + " | ".join(r) + " |" for r in rows)])

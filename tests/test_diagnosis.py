@@ -1,0 +1,97 @@
+"""Per-layer diagnosis and the sensitivity-guided default strategy, on every backend.
+
+The model: a deep ReLU MLP trained on the digits whose layer ``fc6`` gets a 1000x outlier input
+channel (FP32 function unchanged, see ``benchmarks/planted.py``): full INT8 misses a 1% relative
+criterion because of that layer alone.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import nano_tfx
+from conftest import accuracy
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import planted  # noqa: E402
+
+CRITERION = {"relative": 0.01, "higher_is_better": True}
+
+
+@pytest.fixture(scope="session")
+def planted_mlp(digits):
+    import keras
+
+    model, bad = planted.deep_mlp_with_outlier(keras, digits, depth=8, bad=6, epochs=8)
+    return model, bad
+
+
+@pytest.fixture(scope="session")
+def planted_runs(planted_mlp, digits):
+    """One default-strategy quantize per backend (shared by the assertions below)."""
+    model, _ = planted_mlp
+    _, (xte, yte) = digits
+    runs = {}
+    for accelerator in (None, "onnxruntime", "openvino"):
+        try:
+            runs[accelerator] = nano_tfx.quantize(
+                model, accelerator=accelerator, calib_dataset=(xte, yte), metric="accuracy",
+                accuracy_criterion=CRITERION, batch=64, max_trials=6)
+        except nano_tfx.AccuracyCriterionNotMet as err:  # asserted per backend below
+            runs[accelerator] = err.best_model
+            runs[accelerator].report = err.report
+    return runs
+
+
+@pytest.mark.parametrize("accelerator", [None, "onnxruntime", "openvino"])
+def test_planted_layer_ranked_first_and_criterion_met(accelerator, planted_runs, planted_mlp, digits):
+    model, bad = planted_mlp
+    _, (xte, yte) = digits
+    q = planted_runs[accelerator]
+    report = q.report
+    assert report.met and len(report.trials) <= 6, report.table()
+    assert report.trials[0].passed is not True  # full INT8 misses (or collapses): the planted layer
+    assert report.layers, "the miss must have been diagnosed"
+    worst = report.layers[0]
+    assert f"/{bad}" in worst["name"] or f"{bad}_" in worst["name"], [r["name"] for r in report.layers[:3]]
+    assert worst["added_mse"] > 3 * report.layers[1]["added_mse"]
+    assert worst["range_ratio"] > 100  # the 1000x channel is visible in the FP32 input range
+    assert {"name", "sqnr_db", "mse"} <= set(worst)
+    kept = {k["name"]: k for k in report.kept_fp32}
+    assert worst["name"] in kept and "adds relative MSE" in kept[worst["name"]]["reason"]
+    assert len(kept) <= 5  # OpenVINO: INT8 kernels on AVX2-only CPUs sit near the 1% bar
+    # baseline + one evaluation per trial (no in-trial accuracy control in the default strategy)
+    assert report.metric_evaluations == 1 + sum(t.evaluations for t in report.trials) <= 1 + len(report.trials)
+    fp32 = accuracy(model.predict(xte, verbose=0), yte)
+    assert accuracy(q.predict(xte), yte) >= fp32 * 0.99
+
+
+def test_report_json_html_and_cli_carry_the_layer_table(planted_runs, tmp_path, capsys):
+    from nano_tfx.report import Report
+    from pipelines.cli import main
+
+    report = planted_runs["onnxruntime"].report
+    path = tmp_path / "report.json"
+    path.write_text(report.to_json())
+    data = json.loads(path.read_text())
+    assert data["layers"][0]["name"] == report.layers[0]["name"] and data["metric_evaluations"] >= 2
+    assert Report.from_dict(data).layers == report.layers
+    page = report.to_html()
+    assert "Layers by quantization error" in page and report.layers[0]["name"] in page
+    assert "<svg" in page  # the bar chart of the worst layers
+    assert main(["report", "--layers", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert report.layers[0]["name"] in out and "SQNR dB" in out
+
+
+def test_quantized_model_diagnose(planted_runs, planted_mlp, digits):
+    _, bad = planted_mlp
+    _, (xte, _) = digits
+    q = planted_runs["openvino"]
+    rows = q.diagnose(xte[:128])
+    assert rows and all(f"{bad}_" not in r["name"] and not r["name"].endswith(bad) for r in rows)  # kept in FP32
+    assert all(np.isfinite(r["sqnr_db"]) and r["sqnr_db"] > 5 for r in rows)
+    with pytest.raises(ValueError, match="data"):
+        q.diagnose(None)

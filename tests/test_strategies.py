@@ -1,0 +1,143 @@
+"""The tuner and its strategies on a stub backend (no TensorFlow, no engine): milliseconds.
+
+The stub: knobs ``a`` (1, 2) and ``b`` ("x", "y"), ops ``op0..op2``; a config's metric comes from
+a table, so each case pins a strategy's proposal order and the tuner's stop reason.
+"""
+from __future__ import annotations
+
+import pytest
+
+from nano_tfx.backends.base import Backend, SearchSpace, TrialConfig, register
+from nano_tfx.criterion import AccuracyCriterion
+from nano_tfx.interchange import SavedModelSource, TensorInfo
+from nano_tfx.report import Report
+from nano_tfx.tuning.runner import TrialJob, TrialResult, TrialRunner
+from nano_tfx.tuning.strategies import make_strategy
+from nano_tfx.tuning.tuner import Budget, tune
+
+OPS = ("op0", "op1", "op2")
+SPACE = SearchSpace({"a": (1, 2), "b": ("x", "y")}, OPS)
+
+
+class _Candidate:
+    backend, precision = "stub", "int8"
+
+
+@register("stub")
+class StubBackend(Backend):
+    name = "stub"
+    precisions = {"int8": ("static",)}
+    ranking: list[dict] | None = None  # what diagnose returns (None: can't diagnose)
+
+    def prepare(self, source, workdir):
+        return None
+
+    def search_space(self, prepared, precision, approach):
+        return SPACE
+
+    def quantize(self, prepared, precision, config, calibration, accuracy=None):
+        return _Candidate()
+
+    def load(self, directory, manifest):
+        return _Candidate()
+
+    def diagnose(self, prepared, candidate, batches):
+        if StubBackend.ranking is None:
+            raise NotImplementedError("stub")
+        return StubBackend.ranking
+
+
+class TableRunner(TrialRunner):
+    """Metric = 0.5 + 0.2 per op of ``good`` kept in FP32 (1.0 = FP32 baseline)."""
+
+    def __init__(self, good=("op2",)):
+        self.good, self.seen = set(good), []
+
+    def run(self, job, configs):
+        out = []
+        for cfg in configs:
+            self.seen.append(cfg)
+            metric = 0.5 + 0.5 * len(self.good & set(cfg.fallback)) / len(self.good)
+            out.append(TrialResult(cfg, metric=metric, passed=job.criterion.met(job.baseline, metric),
+                                   candidate=_Candidate(), evaluations=1))
+        return out
+
+
+def _job(tmp_path):
+    source = SavedModelSource(str(tmp_path / "sm"), "serving_default",
+                              (TensorInfo("x", (None, 2), "float32"),), (TensorInfo("y", (None, 1), "float32"),))
+    return TrialJob(source=source, backend="stub", options=None, precision="int8", approach="static",
+                    calibration=[[[0.0]]], evaluation=[], evaluator=object(), baseline=1.0,
+                    criterion=AccuracyCriterion("relative", 0.01, True), workdir=str(tmp_path))
+
+
+def _run(tmp_path, strategy, ranking, good=("op2",), max_trials=None):
+    StubBackend.ranking = ranking
+    runner = TableRunner(good)
+    report = Report("stub", "int8")
+    (outcome,) = tune([_job(tmp_path)], report, strategy, Budget(max_trials), runner)
+    return runner.seen, report, outcome
+
+
+def _rows(*names):
+    return [{"name": n, "sqnr_db": 1.0, "mse": 0.5, "added_mse": 0.5 - i * 0.1, "fallback": [n]}
+            for i, n in enumerate(names)]
+
+
+def test_basic_follows_the_diagnosis(tmp_path):
+    seen, report, outcome = _run(tmp_path, "basic", _rows("op2", "op0", "op1"))
+    assert [c.fallback for c in seen] == [(), ("op2",)]
+    assert outcome.stop_reason == "criterion met" and report.kept_fp32[0]["name"] == "op2"
+    assert report.layers[0]["name"] == "op2" and "adds relative MSE" in report.kept_fp32[0]["reason"]
+
+
+def test_basic_accumulates_and_rediagnoses_when_a_step_does_not_help(tmp_path):
+    seen, report, _ = _run(tmp_path, "basic", _rows("op0", "op1", "op2"), good=("op2",))
+    # op0 doesn't help -> re-diagnosed (same ranking) -> op1 on top -> op2 on top: met
+    assert [c.fallback for c in seen] == [(), ("op0",), ("op0", "op1"), ("op0", "op1", "op2")]
+    assert [k["name"] for k in report.kept_fp32] == ["op0", "op1", "op2"]
+
+
+def test_basic_uses_the_fallback_group(tmp_path):
+    rows = _rows("op2", "op0", "op1")
+    rows[0]["fallback"] = ["op2", "op1"]  # INC/ORT: the producer's output quantization goes too
+    seen, _, _ = _run(tmp_path, "basic", rows, good=("op2",))
+    assert [c.fallback for c in seen] == [(), ("op1", "op2")]
+
+
+def test_basic_without_diagnosis_uses_the_space_order(tmp_path):
+    seen, _, outcome = _run(tmp_path, "basic", None, good=("op1",))
+    assert [c.fallback for c in seen] == [(), ("op0",), ("op0", "op1")]
+    assert outcome.stop_reason == "criterion met"
+
+
+def test_one_by_one_is_the_old_basic(tmp_path):
+    seen, _, _ = _run(tmp_path, "_one_by_one", None, good=("op1", "op2"))
+    knobs = [dict(c.knobs) for c in seen[:3]]
+    assert knobs == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}, {"a": 1, "b": "y"}]
+    assert [c.fallback for c in seen[3:5]] == [("op0",), ("op1",)]  # one op alone per trial
+
+
+@pytest.mark.parametrize("max_trials, reason", [(2, "max_trials=2 reached"), (None, "search space exhausted")])
+def test_stop_reasons(tmp_path, max_trials, reason):
+    _, report, outcome = _run(tmp_path, "basic", _rows("op0", "op1", "op2"), good=("missing",),
+                              max_trials=max_trials)
+    assert (outcome.stop_reason or report.stop_reason) == reason
+    assert outcome.chosen is None
+
+
+def test_exhaustive_and_random_orders_are_pinned():
+    ex = make_strategy("exhaustive", SPACE)
+    first = [c for c in ex.propose([], 6)]
+    assert first[0] == SPACE.default() and all(c.fallback == () for c in first[:4]) and first[4].fallback == ("op0",)
+    r1 = [c.key() for c in make_strategy("random", SPACE, seed=3).propose([], 5)]
+    r2 = [c.key() for c in make_strategy("random", SPACE, seed=3).propose([], 5)]
+    assert r1 == r2 and len(set(r1)) == 5
+
+
+def test_private_strategy_names_are_not_advertised():
+    from nano_tfx.tuning.strategies import PUBLIC_STRATEGIES
+
+    assert "_one_by_one" not in PUBLIC_STRATEGIES and "basic" in PUBLIC_STRATEGIES
+    with pytest.raises(ValueError, match="tuning_strategy: expected one of"):
+        make_strategy("nope", SPACE)
