@@ -153,7 +153,12 @@ def test_speed_gate_blocks_a_slow_model_and_zero_switches_it_off(fp32, inc_run, 
     inputs = dict(fp32, previous_report=_artifact(QuantizationReport, os.path.join(first_out, "report")))
     outputs, report = run_executor(fp32, str(tmp_path), inputs=inputs, min_speedup=min_speedup,
                                    max_trials=len(first["trials"]))
-    assert [t["status"] for t in report["trials"]] == ["reused"] * len(first["trials"])
+    # Only reused trials; without the gate the search may stop earlier (a trial that was accurate
+    # but slower than FP32 under the default bar now passes).
+    statuses = [t["status"] for t in report["trials"]]
+    assert statuses == ["reused"] * len(statuses) and 1 <= len(statuses) <= len(first["trials"])
+    if not blessed:
+        assert len(statuses) == len(first["trials"])
     assert outputs["blessing"].get_int_custom_property("blessed") == int(blessed), report["tfx"]["blessing_message"]
     assert os.path.exists(os.path.join(outputs["blessing"].uri, "BLESSED" if blessed else "NOT_BLESSED"))
     assert report["fp32_latency_ms"] > 0 and report["speedup"] > 0
@@ -223,7 +228,8 @@ def test_without_an_evaluator_the_baseline_is_measured(fp32, tmp_path):
 
 
 def test_auto_picks_the_fastest_backend_and_writes_its_layout(fp32, tmp_path):
-    outputs, report = run_executor(fp32, str(tmp_path / "out"), accelerator="auto", max_trials=1,
+    # One budget for the whole call under auto: 3 trials = one round, one trial per backend.
+    outputs, report = run_executor(fp32, str(tmp_path / "out"), accelerator="auto", max_trials=3,
                                    accuracy_criterion=json.dumps({"absolute": 0.03, "higher_is_better": True}))
     assert outputs["blessing"].get_int_custom_property("blessed") == 1, report["tfx"]["blessing_message"]
     backends = {t["backend"] for t in report["trials"]}
