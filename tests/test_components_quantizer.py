@@ -58,7 +58,7 @@ def test_defaults_and_exec_properties():
         ({"accuracy_criterion": {"drop": 0.1}}, r"accuracy_criterion: unknown keys \['drop'\]"),
         ({"accuracy_criterion": 0.01}, r"accuracy_criterion: expected a dict"),
         ({"max_trials": 0}, r"max_trials: expected a positive integer"),
-        ({"timeout": -1}, r"timeout: expected seconds >= 0"),
+        ({"timeout": -1}, r"timeout: expected finite seconds >= 0"),
         ({"sample_size": 0}, r"sample_size: expected a positive integer"),
         ({"calibration_split": ""}, r"calibration_split: expected a non-empty string"),
         ({"metric": 3}, r"metric: expected a non-empty string"),
