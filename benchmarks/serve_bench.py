@@ -119,18 +119,32 @@ def mobilenet_models(root: str) -> tuple[str, str, list[bytes]]:
     return model_dir, transform_dir, calib_examples
 
 
+def _built(root: str) -> bool:
+    return os.path.isfile(os.path.join(root, "fp32", "saved_model.pb")) and os.path.isdir(
+        os.path.join(root, "transform_graph", "transform_fn"))
+
+
 def build_variants(name: str, root: str, variants: list[str]) -> tuple[dict, list[bytes], dict]:
-    """({variant: model dir}, eval examples, notes)."""
+    """({variant: model dir}, eval examples, notes). Reuses what a previous run left in ``root``
+    (``--workdir``): the FP32 model + transform graph, and each finished layout."""
     import serve_models
 
     notes: dict = {}
+    reuse = _built(root)
     if name == "mobilenetv2":
-        fp32, transform, calib_examples = mobilenet_models(root)
+        if reuse:
+            fp32, transform = os.path.join(root, "fp32"), os.path.join(root, "transform_graph")
+            calib_examples = image_examples(100)
+        else:
+            fp32, transform, calib_examples = mobilenet_models(root)
         eval_examples = image_examples(PLANS["full"]["agreement"], seed=1)
         notes["model"] = ("Keras MobileNetV2 224x224x3, weights=None, BatchNorm statistics re-estimated "
                           "(bench.build_case); JPEG tf.Examples decoded in a tf.Transform graph")
     elif name == "digits":
-        fp32, transform = serve_models.digits_models(root)
+        if reuse:
+            fp32, transform = os.path.join(root, "fp32"), os.path.join(root, "transform_graph")
+        else:
+            fp32, transform = serve_models.digits_models(root)
         calib_examples = serve_models.digits_examples("train")[0][:100]
         eval_examples = serve_models.digits_examples("eval", with_label=False)[0]
         notes["model"] = "the digits pipeline's CNN over its tf.Transform graph (65 raw int64 features)"
@@ -143,8 +157,13 @@ def build_variants(name: str, root: str, variants: list[str]) -> tuple[dict, lis
             continue
         started = time.time()
         accelerator = None if variant == "inc" else variant
+        done = os.path.join(root, variant, "quantized_model", "Format-Serving")
         try:
-            dirs[variant] = serve_models.write_layout(fp32, transform, calib, accelerator, os.path.join(root, variant))
+            if os.path.isfile(os.path.join(done, "nano_tfx.json")):
+                dirs[variant] = done
+            else:
+                dirs[variant] = serve_models.write_layout(fp32, transform, calib, accelerator,
+                                                          os.path.join(root, variant))
             with open(os.path.join(dirs[variant], "nano_tfx.json")) as f:
                 notes[f"{variant}_engine"] = json.load(f).get("backend")
             log(f"{name}/{variant}: quantized + layout written in {time.time() - started:.0f}s")
@@ -233,12 +252,15 @@ def bounded_load(url: str, model: str, examples: list[bytes], n: int, concurrenc
             "throughput_rps": round(len(lat) / wall, 2) if wall > 0 else None}
 
 
-def run_model(name: str, variants: list[str], plan: dict, tmp: str, threads: int | None) -> dict:
+def run_model(name: str, variants: list[str], plan: dict, tmp: str, threads: int | None, skip: set) -> dict:
     import requests
 
     root = os.path.join(tmp, name)
     os.makedirs(root, exist_ok=True)
-    dirs, examples, notes = build_variants(name, root, variants)
+    skipped = [v for v in variants if f"{name}:{v}" in skip and v != "fp32"]
+    dirs, examples, notes = build_variants(name, root, [v for v in variants if v not in skipped])
+    for v in skipped:
+        notes[f"{v}_failed"] = "skipped (--skip)"
     served = {f"{name}_{v}": d for v, d in dirs.items()}
     log(f"{name}: starting one server with {sorted(served)}")
     proc, url = start_server(served, os.path.join(root, "server.log"), threads)
@@ -300,18 +322,27 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer requests (smoke run; noisier numbers)")
     ap.add_argument("--threads", type=int, default=None, help="engine threads (nano-tfx serve --threads)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--skip", default="", help="MODEL:VARIANT pairs not to build, e.g. mobilenetv2:auto")
+    ap.add_argument("--workdir", default=None,
+                    help="keep the built models here and reuse them on the next run (default: a temp dir)")
     args = ap.parse_args(argv)
+    skip = {p for p in args.skip.split(",") if p}
     variants = ["fp32"] + [v for v in args.variants.split(",") if v and v != "fp32"]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown}; expected {list(VARIANTS)}")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("nano_tfx").setLevel(logging.INFO)
     mode = "quick" if args.quick else "full"
     plan = PLANS[mode]
     env = {"cpu": cpu_flags(), "loadavg_start": os.getloadavg(), "python": sys.version.split()[0]}
     results = []
     with tempfile.TemporaryDirectory(prefix="nano_tfx_serve_bench_") as tmp:
+        work = args.workdir or tmp
         for name in [m for m in args.models.split(",") if m]:
-            results.append(run_model(name, variants, plan, tmp, args.threads))
+            results.append(run_model(name, variants, plan, work, args.threads, skip))
     env["loadavg_end"] = os.getloadavg()
     doc = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "argv": sys.argv[1:], "mode": mode, "plan": plan, "env": env, "results": results}

@@ -587,6 +587,7 @@ def cmd_serve(args) -> int:
     lib_logger = logging.getLogger("nano_tfx")
     lib_logger.addHandler(handler)
     lib_logger.setLevel(logging.INFO)
+    lib_logger.propagate = False  # TFX/absl configure the root logger too: one line each
     try:
         options = ServeOptions(
             host=args.host, port=args.port, max_batch_size=args.max_batch_size,

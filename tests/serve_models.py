@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 logger = logging.getLogger("nano_tfx")
+ANALYZE_ROWS = 200
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_DATA = os.path.join(REPO, "pipelines", "digits", "data")
 PENGUIN_DATA = os.path.join(os.path.dirname(__import__("tfx").__file__), "components", "testdata", "penguin", "data")
@@ -82,7 +83,8 @@ def write_transform(root: str, examples: list[bytes], preprocessing_fn: Callable
     transform_dir = os.path.join(root, "transform_graph")
     raw_spec = _raw_spec(examples[0])
     parsed = {k: v.numpy() for k, v in tf.io.parse_example(tf.constant(examples), raw_spec).items()}
-    rows = [{k: parsed[k][i] for k in parsed} for i in range(len(examples))]
+    # A few hundred rows are enough for the analyzers here (min/max, mean/var) and keep Beam short.
+    rows = [{k: parsed[k][i] for k in parsed} for i in range(min(len(examples), ANALYZE_ROWS))]
     metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_spec))
     # The in-process FnApiRunner: Beam 2.74's DirectRunner first tries Prism (downloads a binary).
     with beam.Pipeline(runner=FnApiRunner()) as p, tft_beam.Context(temp_dir=os.path.join(root, "tft_tmp")):
@@ -172,7 +174,7 @@ def digits_models(root: str, epochs: int = 6) -> tuple[str, str]:
                       LABEL_XF, epochs)
 
 
-def penguin_models(root: str, epochs: int = 20) -> tuple[str, str]:
+def penguin_models(root: str, epochs: int = 80) -> tuple[str, str]:
     from pipelines.penguin import penguin_utils
 
     examples, _ = penguin_examples("train")

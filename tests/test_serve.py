@@ -145,6 +145,41 @@ def fp32_outputs(server, digits_eval, penguin_eval):
             "penguin": server.predict("penguin_fp32", penguin_eval[0])}
 
 
+def test_body_limit_refuses_declared_and_streamed_oversize_bodies():
+    """The 413 guard in front of the app, on a bare ASGI app (no server needed)."""
+    import asyncio
+
+    from components.serving.server import BodyLimit
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def call(chunks, declared=None):
+        sent, queue = [], [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                           for i, c in enumerate(chunks)]
+
+        async def receive():
+            return queue.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"content-length", str(declared).encode())] if declared is not None else []
+        asyncio.run(BodyLimit(app, 1024)({"type": "http", "headers": headers}, receive, send))
+        return sent[0]["status"]
+
+    assert call([b"x" * 1000], declared=1000) == 200 and seen[-1] == b"x" * 1000
+    assert call([b"x" * 600, b"y" * 400]) == 200 and seen[-1] == b"x" * 600 + b"y" * 400
+    n = len(seen)
+    assert call([b"x"], declared=5000) == 413  # refused on the header, body never read
+    assert call([b"x" * 600, b"y" * 600]) == 413  # chunked: refused once over the limit
+    assert len(seen) == n  # the app never saw either
+
+
 def test_ready_only_once_loaded_and_listens_on_localhost(server):
     assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
     for name in server.models:
