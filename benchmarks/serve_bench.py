@@ -235,9 +235,12 @@ def bounded_load(url: str, model: str, examples: list[bytes], n: int, concurrenc
         if not hasattr(local, "s"):
             local.s = requests.Session()
         t = time.perf_counter()
-        r = local.s.post(f"{url}/v2/models/{model}/infer", data=body,
-                         headers={"content-type": "application/json"}, timeout=600)
-        return (time.perf_counter() - t) * 1000.0, r.status_code
+        try:
+            code = local.s.post(f"{url}/v2/models/{model}/infer", data=body,
+                                headers={"content-type": "application/json"}, timeout=600).status_code
+        except requests.RequestException:
+            code = -1  # connection reset / timeout: an error row, not the end of the run
+        return (time.perf_counter() - t) * 1000.0, code
 
     for body in payloads[:2]:  # warm-up
         send(body)

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -99,6 +100,9 @@ class NanoTfxRuntime(MLModel):
         self._max_batch = int(extra.get("max_batch", DEFAULT_MAX_BATCH))
         uri = self.settings.parameters.uri
         self._servable: Servable = load_servable(uri, thread_num=extra.get("thread_num"))
+        # One engine call at a time per model: an OpenVINO InferRequest is not reentrant ("Infer
+        # Request is busy"), and every engine already spreads one call over all cores.
+        self._engine_lock = threading.Lock()
         self._specs = {t.name: t for t in self._servable.inputs}
         self.inputs = [MetadataTensor(name=t.name, datatype=_v2_datatype(t.dtype),
                                       shape=[-1 if d is None else d for d in t.shape])
@@ -119,13 +123,17 @@ class NanoTfxRuntime(MLModel):
             raise BadRequest(f"inputs: every input needs the same batch size, got {sorted(rows)}")
         return arrays
 
+    def _predict_locked(self, arrays: dict) -> dict:
+        with self._engine_lock:
+            return self._servable.predict(arrays)
+
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         arrays = self._decode(payload)
         # The engines block: run them off the event loop so health checks and other requests
         # are still answered (TF, ONNX Runtime and OpenVINO release the GIL while computing).
         loop = asyncio.get_running_loop()
         try:
-            outputs = await loop.run_in_executor(None, self._servable.predict, arrays)
+            outputs = await loop.run_in_executor(None, self._predict_locked, arrays)
         except RequestError as err:
             raise BadRequest(str(err)) from err
         return InferenceResponse(
