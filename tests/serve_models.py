@@ -168,7 +168,15 @@ def write_layout(fp32_dir: str, transform_dir: str, calib: dict, accelerator: Op
     kwargs: dict = {}
     if agree_on is not None:
         features, classes = agree_on
-        eval_data = tf.data.Dataset.from_tensor_slices((features, classes)).batch(64)
+
+        class _Agreement(nano_tfx.BatchSource):  # numpy batches (tf.data's are read-only)
+            batched = True
+
+            def batches(self):
+                for i in range(0, len(classes), 64):
+                    yield {k: np.array(v[i:i + 64]) for k, v in features.items()}, classes[i:i + 64]
+
+        eval_data = _Agreement()
         kwargs = dict(eval_dataset=eval_data, metric="sparse_categorical_accuracy", max_trials=6,
                       accuracy_criterion={"absolute": 0.0, "higher_is_better": True})
     try:
