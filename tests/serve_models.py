@@ -146,44 +146,16 @@ def transformed_inputs(fp32_dir: str, transform_dir: str, examples: list[bytes])
     return transformed_inputs_from(transform_dir, examples, [t.name for t in source.inputs])
 
 
-def fp32_classes(fp32_dir: str, features: dict) -> np.ndarray:
-    """The FP32 model's top-1 on transformed features (the agreement target of a tuned quantization)."""
-    fn = tf.saved_model.load(fp32_dir).signatures["from_transformed_features"]
-    return fn(**{k: tf.constant(v) for k, v in features.items()})["outputs"].numpy().argmax(-1)
-
-
 def write_layout(fp32_dir: str, transform_dir: str, calib: dict, accelerator: Optional[str], out: str,
-                 save_to: Optional[str] = None, agree_on: Optional[tuple] = None) -> str:
-    """Quantize and write the Quantizer's ``Format-Serving/``; return its path.
-
-    One default trial; with ``agree_on=(features, fp32_classes)`` the accuracy search the
-    Quantizer runs instead (top-1 agreement with FP32 on those, no drop allowed, 6 trials; the
-    best found is kept if none is exact).
-    """
+                 save_to: Optional[str] = None) -> str:
+    """Quantize (one default trial) and write the Quantizer's ``Format-Serving/``; return its path."""
     from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor
     from tfx.types import standard_artifacts
 
     from components.quantizer.executor import Executor
 
-    kwargs: dict = {}
-    if agree_on is not None:
-        features, classes = agree_on
-
-        class _Agreement(nano_tfx.BatchSource):  # numpy batches (tf.data's are read-only)
-            batched = True
-
-            def batches(self):
-                for i in range(0, len(classes), 64):
-                    yield {k: np.array(v[i:i + 64]) for k, v in features.items()}, classes[i:i + 64]
-
-        eval_data = _Agreement()
-        kwargs = dict(eval_dataset=eval_data, metric="sparse_categorical_accuracy", max_trials=6,
-                      accuracy_criterion={"absolute": 0.0, "higher_is_better": True})
-    try:
-        quantized = nano_tfx.quantize(fp32_dir, accelerator=accelerator, calib_dataset=calib,
-                                      signature_name="from_transformed_features", sample_size=100, **kwargs)
-    except nano_tfx.AccuracyCriterionNotMet as err:
-        quantized = err.best_model
+    quantized = nano_tfx.quantize(fp32_dir, accelerator=accelerator, calib_dataset=calib,
+                                  signature_name="from_transformed_features", sample_size=100)
     artifact = standard_artifacts.Model()
     artifact.uri = os.path.join(out, "quantized_model")
     ctx = BaseBeamExecutor.Context(beam_pipeline_args=[], tmp_dir=os.path.join(out, "tmp"), unique_id="1")
