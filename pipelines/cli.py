@@ -3,6 +3,7 @@
     nano-tfx demo                      # the digits pipeline, locally, end to end
     nano-tfx quantize SAVED_MODEL --calib data.npz --output q [--accelerator openvino] ...
     nano-tfx report PATH               # a report's table (report.json, a model or a run dir)
+    nano-tfx serve MODEL_DIR --name NAME --port PORT [--host HOST]   # V2 inference protocol
 
 Errors end the command with a non-zero exit code and one line on stderr:
 ``nano-tfx <command>: error: <reason>``. TensorFlow / TFX / INC logs go to a log file
@@ -574,6 +575,65 @@ def cmd_demo(args) -> int:
     return EXIT_NOT_MET
 
 
+# -- nano-tfx serve ---------------------------------------------------------------------------
+def _name_eq_dir(text: str) -> tuple:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=MODEL_DIR, got {text!r}")
+    return name, path
+
+
+def cmd_serve(args) -> int:
+    """Serve MODEL_DIR (and any --model NAME=DIR) on the V2 Open Inference Protocol until
+    SIGTERM/SIGINT; exit 0 after a clean shutdown."""
+    import logging
+
+    models = [(args.name, args.model_dir)] + list(args.model or [])
+    for name, path in models:
+        if not os.path.isdir(path):
+            raise CliError(f"MODEL_DIR: {path!r} is not a directory (model {name!r})")
+    import nano_tfx  # noqa: F401  (oneDNN first)
+    from components.serving.server import ServeOptions, serve
+
+    handler = logging.StreamHandler()  # nano_tfx's lines next to MLServer's (which has its own handler)
+    handler.setFormatter(logging.Formatter("%(asctime)s [nano_tfx] %(levelname)s - %(message)s"))
+    lib_logger = logging.getLogger("nano_tfx")
+    lib_logger.addHandler(handler)
+    lib_logger.setLevel(logging.INFO)
+    lib_logger.propagate = False  # TFX/absl configure the root logger too: one line each
+    try:
+        options = ServeOptions(
+            host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+            max_request_bytes=args.max_request_size, adaptive_batch_size=args.adaptive_batch_size,
+            adaptive_batch_time=args.adaptive_batch_time, thread_num=args.threads,
+            extra_models={n: os.path.abspath(p) for n, p in args.model or []})
+        serve(os.path.abspath(args.model_dir), args.name, options)
+    except ValueError as err:
+        raise CliError(_one_line(err)) from err
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="serve a model folder on the V2 Open Inference Protocol (REST, MLServer)")
+    s.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="a Quantizer Format-Serving/ dir, a QuantizedModel.save dir or a Trainer SavedModel")
+    s.add_argument("--name", required=True, help="model name: POST /v2/models/NAME/infer")
+    s.add_argument("--port", type=int, default=8080, help="HTTP port (default: %(default)s)")
+    s.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s; 0.0.0.0 in a container)")
+    s.add_argument("--max-batch-size", type=int, default=1024,
+                   help="most rows (examples) in one request; more is answered 413 (default: %(default)s)")
+    s.add_argument("--max-request-size", type=int, default=32 * 1024 * 1024,
+                   help="largest request body in bytes; more is answered 413 (default: %(default)s)")
+    s.add_argument("--adaptive-batch-size", type=int, default=0,
+                   help="MLServer adaptive batching: merge up to N concurrent requests (default: off)")
+    s.add_argument("--adaptive-batch-time", type=float, default=0.0,
+                   help="adaptive batching: wait at most this many seconds for a batch to fill")
+    s.add_argument("--threads", type=int, default=None, help="engine threads (ONNX Runtime / OpenVINO)")
+    s.add_argument("--model", action="append", type=_name_eq_dir, metavar="NAME=MODEL_DIR",
+                   help="serve another model from the same server (repeatable)")
+    s.set_defaults(func=cmd_serve)
+
+
 # -- entry point ------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """Argument errors as one line (``nano-tfx quantize: error: ...``), exit code 2."""
@@ -636,6 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layers", action="store_true",
                    help="print the per-layer diagnosis (worst first) and the layers kept in FP32")
     r.set_defaults(func=cmd_report)
+
+    _add_serve_parser(sub)
     return parser
 
 

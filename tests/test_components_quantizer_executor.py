@@ -268,6 +268,10 @@ def test_openvino_and_onnx_serving_layouts(fp32, tmp_path, accelerator, files):
     assert outputs["blessing"].get_int_custom_property("blessed") == 1, report["tfx"]["blessing_message"]
     if accelerator == "onnxruntime":
         assert os.path.exists(os.path.join(outputs["quantized_model"].uri, "config.pbtxt"))
+    # What nano-tfx serve parses: the FP32 serving_default's raw keys, the label excluded.
+    with open(os.path.join(serving, "serving.json")) as f:
+        assert json.load(f)["raw_feature_keys"] == sorted(
+            ["culmen_length_mm", "culmen_depth_mm", "flipper_length_mm", "body_mass_g"])
     # The documented client path: raw features -> transform_graph -> quantized model.
     import tensorflow_transform as tft
 

@@ -363,6 +363,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         else:
             shutil.copytree(staging, serving_dir)
             serving.copy_transform_graph(transform_uri, serving_dir)
+            # nano-tfx serve parses the FP32 model's raw keys (the label is not in a request).
+            raw_keys = serving.raw_parse_keys(fp32_path)
+            serving.write_serving_manifest(serving_dir, raw_keys or self._raw_keys_without_labels(
+                transform_uri, list(info.label_keys if info else [])))
             if backend == "onnxruntime":
                 io_utils.write_string_file(
                     os.path.join(out_model.uri, "config.pbtxt"),
@@ -373,6 +377,13 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         tfx_info.update(backend=backend, serving_dir=serving_dir, raw_parse_keys=parse_keys)
         out_model.set_string_custom_property("nano_tfx_backend", backend)
         out_model.set_string_custom_property("nano_tfx_precision", str(quantized.precision))
+
+    @staticmethod
+    def _raw_keys_without_labels(transform_uri: str, labels: List[str]) -> Optional[List[str]]:
+        import tensorflow_transform as tft
+
+        keys = [k for k in tft.TFTransformOutput(transform_uri).raw_feature_spec() if k not in labels]
+        return keys if labels else None
 
     def _finish(self, out_model: types.Artifact, blessing: types.Artifact, report_artifact: types.Artifact,
                 report: Any, tfx_info: dict, blessed: bool, message: str, started: float,

@@ -22,6 +22,8 @@ from typing import Any, Optional, Sequence
 SERVING_DIR = "Format-Serving"
 TRANSFORM_DIR = "transform_graph"
 SERVING_DOC = "SERVING.md"
+#: what a request carries, for ``nano-tfx serve`` (components/serving): the raw feature keys
+SERVING_MANIFEST = "serving.json"
 
 
 def raw_parse_keys(fp32_model_path: str) -> Optional[list[str]]:
@@ -125,6 +127,15 @@ def write_tf_serving_model(
     return sorted(raw_spec)
 
 
+def write_serving_manifest(out_dir: str, parse_keys: Optional[Sequence[str]]) -> None:
+    """Record the raw features the FP32 ``serving_default`` parses (label excluded), so a model
+    server parses exactly these before applying ``transform_graph/``."""
+    import json
+
+    with open(os.path.join(out_dir, SERVING_MANIFEST), "w") as f:
+        json.dump({"raw_feature_keys": sorted(parse_keys) if parse_keys else None}, f)
+
+
 def copy_transform_graph(transform_graph_uri: str, out_dir: str) -> None:
     dst = os.path.join(out_dir, TRANSFORM_DIR)
     shutil.copytree(transform_graph_uri, dst, dirs_exist_ok=True)
@@ -181,5 +192,7 @@ def serving_doc(backend: str, parse_keys: Optional[Sequence[str]], inputs: Seque
         f"layer = tft.TFTransformOutput('{TRANSFORM_DIR}').transform_features_layer()\n"
         "transformed = layer(raw_features)  # dict of raw feature tensors\n"
         "```\n\n"
-        "`nano_tfx.load(<this dir>)` runs the model in Python (transformed features in).\n"
+        "`nano_tfx.load(<this dir>)` runs the model in Python (transformed features in).\n\n"
+        "Or serve raw tf.Examples (the FP32 model's request) on the V2 Open Inference Protocol:\n"
+        "`nano-tfx serve <this dir> --name NAME --port 8080`.\n"
     )
