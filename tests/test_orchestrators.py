@@ -96,7 +96,9 @@ AIRFLOW_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("package", sorted(PIPELINES))
+# Both packages go through the one runner (pipelines/runners.py): one DAG in the default run.
+@pytest.mark.parametrize("package", [p if p == "digits" else pytest.param(p, marks=pytest.mark.extended)
+                                     for p in sorted(PIPELINES)])
 def test_airflow_dag_has_every_component_as_a_task(package, tmp_path):
     example_gen, _, dag_id, _ = PIPELINES[package]
     env = dict(os.environ, AIRFLOW_HOME=str(tmp_path / "airflow"), AIRFLOW__CORE__LOAD_EXAMPLES="False",

@@ -112,6 +112,7 @@ def test_rerun_resumes_from_previous_report(first_run):
     assert len(_pushed_versions(root)) == 2
 
 
+@pytest.mark.extended  # the executor test covers the same decision in a fraction of the time
 def test_unreachable_evaluator_bar_blesses_and_pushes_nothing(first_run):
     root, _ = first_run
     pushed_before = _pushed_versions(root)
