@@ -203,9 +203,7 @@ def check_outputs(job: TrialJob, candidate: Candidate) -> None:
         return
     key = (job.source.path, job.source.signature_key, len(probe[0]))
     if key not in _REFERENCE_VARIES:
-        from nano_tfx.backends.tf_reference import TFSignatureCandidate
-
-        _REFERENCE_VARIES[key] = _varies(TFSignatureCandidate(job.source).run(probe))
+        _REFERENCE_VARIES[key] = _varies(fp32_reference(job).run(probe))
     if _REFERENCE_VARIES[key]:
         raise GarbageModelError(
             f"the quantized model gives the same output for all {len(probe[0])} calibration rows "
@@ -217,6 +215,19 @@ TRIAL_TIMING_BUDGET_S = 1.5
 _FP32: dict[tuple, Any] = {}
 
 
+def fp32_reference(job: TrialJob) -> Candidate:
+    """The FP32 signature run by TensorFlow, loaded once per process and source (timing, the
+    collapsed-model check)."""
+    pb = os.path.join(job.source.path, "saved_model.pb")
+    key = (job.source.path, job.source.signature_key, os.path.getmtime(pb) if os.path.exists(pb) else None)
+    if key not in _FP32:
+        from nano_tfx.backends.tf_reference import TFSignatureCandidate
+
+        _FP32.clear()  # one FP32 model per process: a callback quantizing every epoch must not pile them up
+        _FP32[key] = TFSignatureCandidate(job.source)
+    return _FP32[key]
+
+
 def _time_trial(job: TrialJob, candidate: Candidate, inputs: list, result: TrialResult) -> None:
     """The trial's ms at batch 1 (and ``latency_batch``), timed side by side with the FP32
     reference in this process (loaded once per process): its ``speedup`` holds up under load
@@ -225,14 +236,7 @@ def _time_trial(job: TrialJob, candidate: Candidate, inputs: list, result: Trial
 
     runs = {"trial": candidate.run}
     if job.compare_fp32:
-        pb = os.path.join(job.source.path, "saved_model.pb")
-        key = (job.source.path, job.source.signature_key, os.path.getmtime(pb) if os.path.exists(pb) else None)
-        if key not in _FP32:
-            from nano_tfx.backends.tf_reference import TFSignatureCandidate
-
-            _FP32.clear()  # one FP32 model per process: a callback quantizing every epoch must not pile them up
-            _FP32[key] = TFSignatureCandidate(job.source)
-        runs["fp32"] = _FP32[key].run
+        runs["fp32"] = fp32_reference(job).run
     speed = side_by_side(runs, inputs, batch=job.latency_batch, budget_s=TRIAL_TIMING_BUDGET_S)
     result.latency_ms = speed.b1_ms["trial"]
     result.latency_batch_ms = speed.batch_ms.get("trial")
