@@ -14,6 +14,11 @@ quantization step, set by the outlier, wipes the other channels) although its *i
 looks small (the outlier dominates the input's power); the layers behind it add little more.
 It is linear rather than in dB so that a layer behind an already noisy one (input SQNR 6 dB,
 say on CPUs whose INT8 kernels saturate) is not credited with a large dB drop for a small error.
+
+A layer right behind the culprit can still *amplify* the error it receives (its relative output
+error grows even in FP32), which ``added_mse`` alone would credit to it. The ranking key,
+``own_error`` = ``added_mse`` x (``added_mse`` / ``mse``), weights the added error by the share of
+the layer's output error that starts there: near 1 for a source, small for an amplifier.
 """
 from __future__ import annotations
 
@@ -91,13 +96,16 @@ class _Acc:
             nonzero = mags[mags > 0]
             med = float(np.median(nonzero)) if nonzero.size else 0.0
             spread = round(float(mags.max()) / med, 1) if med > 0 else None
+        added = mse - in_mse
         return {
             "name": name,
             "op": op,
             "sqnr_db": round(out_db, 2),
             # relative MSE: noise power / signal power of the layer output
             "mse": mse,
-            "added_mse": round(mse - in_mse, 6),
+            "added_mse": round(added, 6),
+            # the added error weighted by the share of the output error that starts here
+            "own_error": round(max(added, 0.0) ** 2 / mse, 6) if mse > 0 else 0.0,
             "input_sqnr_db": None if in_db is None else round(in_db, 2),
             "drop_db": round((in_db if in_db is not None else MAX_SQNR_DB) - out_db, 2),
             "fp32_min": None if self.lo == math.inf else self.lo,
@@ -135,8 +143,17 @@ def compare(
 
 
 def rank(rows: Iterable[dict]) -> list[dict]:
-    """Worst first: the most error added inside the layer, then the most SQNR lost there."""
-    return sorted(rows, key=lambda r: (-(r.get("added_mse") or 0.0), -(r.get("drop_db") or 0.0)))
+    """Worst first: the most error that starts inside the layer, then the most SQNR lost there."""
+    return sorted(rows, key=lambda r: (-(r.get("own_error", r.get("added_mse")) or 0.0),
+                                       -(r.get("added_mse") or 0.0), -(r.get("drop_db") or 0.0)))
+
+
+def rank_by_harm(rows: Iterable[dict]) -> list[dict]:
+    """Layers whose FP32 fallback measurably raised the metric first (largest ``metric_gain``,
+    NNCF's criterion), then the rest in error order (``rank``)."""
+    rows = list(rows)
+    helped = sorted((r for r in rows if (r.get("metric_gain") or 0.0) > 0), key=lambda r: -r["metric_gain"])
+    return helped + rank(r for r in rows if not (r.get("metric_gain") or 0.0) > 0)
 
 
 class Batches(CalibrationData):
@@ -170,14 +187,16 @@ def take_samples(data: Iterable[Sequence[np.ndarray]], max_samples: int) -> list
 
 def format_table(layers: Sequence[Mapping], top: int | None = None) -> str:
     """A markdown table of ``layers`` (worst first), for the CLI and logs."""
-    cols = ("#", "layer", "op", "SQNR dB", "drop dB", "rel. MSE", "added", "FP32 min", "FP32 max", "max/p99.9", "max/median")
+    cols = ("#", "layer", "op", "SQNR dB", "drop dB", "rel. MSE", "added", "own", "metric gain", "FP32 min", "FP32 max",
+            "max/p99.9", "max/median")
     rows = []
     for i, r in enumerate(layers[:top] if top else layers):
         def f(v, spec="{:.3g}"):
             return "" if v is None else spec.format(v)
 
         rows.append([str(i), str(r.get("name")), str(r.get("op") or ""), f(r.get("sqnr_db"), "{:.1f}"),
-                     f(r.get("drop_db"), "{:.1f}"), f(r.get("mse")), f(r.get("added_mse")), f(r.get("fp32_min")), f(r.get("fp32_max")),
+                     f(r.get("drop_db"), "{:.1f}"), f(r.get("mse")), f(r.get("added_mse")), f(r.get("own_error")),
+                     f(r.get("metric_gain"), "{:+.4g}"), f(r.get("fp32_min")), f(r.get("fp32_max")),
                      f(r.get("outlier_ratio"), "{:.1f}"), f(r.get("range_ratio"), "{:.0f}")])
     head = "| " + " | ".join(cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"

@@ -171,15 +171,16 @@ class Report:
         ) + f"met={self.met}, trials={len(self.trials)}, {self.seconds:.1f}s; {self.speed_summary()}"
         return "\n".join([summary, head, sep, *body])
 
-    _LAYER_COLUMNS = ("#", "backend", "layer", "op", "added rel. MSE", "SQNR dB", "rel. MSE", "FP32 min",
-                      "FP32 max", "max/p99.9", "max/median")
+    _LAYER_COLUMNS = ("#", "backend", "layer", "op", "metric gain in FP32", "own error", "added rel. MSE",
+                      "SQNR dB", "rel. MSE", "FP32 min", "FP32 max", "max/p99.9", "max/median")
 
     def layer_rows(self, top: int | None = None) -> list[list[str]]:
         def f(v, spec="{:.3g}"):
             return "" if v is None else spec.format(v)
 
         return [
-            [str(i), str(r.get("backend") or ""), str(r.get("name")), str(r.get("op") or ""), f(r.get("added_mse")),
+            [str(i), str(r.get("backend") or ""), str(r.get("name")), str(r.get("op") or ""),
+             f(r.get("metric_gain"), "{:+.4g}"), f(r.get("own_error")), f(r.get("added_mse")),
              f(r.get("sqnr_db"), "{:.1f}"), f(r.get("mse")), f(r.get("fp32_min")), f(r.get("fp32_max")),
              f(r.get("outlier_ratio"), "{:.1f}"), f(r.get("range_ratio"), "{:.0f}")]
             for i, r in enumerate(self.layers[:top] if top else self.layers)

@@ -235,16 +235,56 @@ def _guide(state: _State, report: Report, runner: TrialRunner, results: list[Tri
         report.layers.extend({**row, "backend": job.backend, "precision": job.precision} for row in layers)
 
 
-def _kept_fp32(state: _State) -> list[dict]:
+def _metric_gains(state: _State) -> dict[str, float]:
+    """Per layer, how much moving it to FP32 raised the metric in this job's trials: each trial
+    whose fallback adds layers to an earlier trial's (the largest such one) credits them with the
+    score difference, NNCF-style ranking by measured harm. Metric units, higher is better."""
+    if state.use_mse or not state.controlled:
+        return {}
+    scored = [(set(cfg.fallback), score) for cfg, score in state.history if score is not None]
+    gains: dict[str, float] = {}
+    for i, (fallback, score) in enumerate(scored):
+        if not fallback:
+            continue
+        parents = [(fb, sc) for fb, sc in scored[:i] if fb < fallback]
+        if not parents:
+            continue
+        parent_fb, parent_score = max(parents, key=lambda p: len(p[0]))
+        for name in fallback - parent_fb:
+            gain = score - parent_score
+            gains[name] = max(gains.get(name, gain), gain)
+    return gains
+
+
+def _credit_gains(state: _State, report: Report, gains: dict[str, float]) -> None:
+    """Put the measured metric gains on this backend's layer rows and re-rank them by harm."""
+    from nano_tfx.diagnosis import rank_by_harm
+
+    backend = state.job.backend
+    mine = [r for r in report.layers if r.get("backend") == backend]
+    if not gains or not mine:
+        return
+    for row in mine:
+        if row["name"] in gains:
+            row["metric_gain"] = round(gains[row["name"]], 6)
+    ranked = iter(rank_by_harm(mine))
+    report.layers[:] = [next(ranked) if r.get("backend") == backend else r for r in report.layers]
+
+
+def _kept_fp32(state: _State, gains: dict[str, float]) -> list[dict]:
     """The chosen config's FP32 layers with the diagnosis that put them there."""
     chosen = state.outcome.chosen
     reasons = getattr(state.strategy, "reasons", {}) if state.strategy else {}
     out = []
     for name in chosen.config.fallback if chosen else ():
         row = reasons.get(name)
+        if row is not None and name in gains:
+            row = {**row, "metric_gain": round(gains[name], 6)}
         why = ("not diagnosed (backend's fallback order)" if row is None else
                f"adds relative MSE {row['added_mse']:.3g} (output SQNR {row['sqnr_db']:.1f} dB, "
-               f"input max/median {row.get('range_ratio')})")
+               f"input max/median {row.get('range_ratio')})"
+               + (f"; keeping it in FP32 raised the metric by {row['metric_gain']:+.4g}"
+                  if row.get("metric_gain") is not None else ""))
         out.append({"name": name, "backend": state.job.backend, "reason": why, **(row or {})})
     return out
 
@@ -297,7 +337,11 @@ def tune(
         if not state.done:
             state.outcome.stop_reason = stop
     report.stop_reason = stop or (states[0].outcome.stop_reason if len(states) == 1 else "all backends tried")
-    report.kept_fp32 = [k for state in states for k in _kept_fp32(state)]
+    report.kept_fp32 = []
+    for state in states:
+        gains = _metric_gains(state)
+        _credit_gains(state, report, gains)
+        report.kept_fp32 += _kept_fp32(state, gains)
     for state in states:
         outcome = state.outcome
         winner = outcome.chosen or outcome.best
