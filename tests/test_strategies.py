@@ -96,6 +96,10 @@ def test_basic_accumulates_and_rediagnoses_when_a_step_does_not_help(tmp_path):
     # op0 doesn't help -> re-diagnosed (same ranking) -> op1 on top -> op2 on top: met
     assert [c.fallback for c in seen] == [(), ("op0",), ("op0", "op1"), ("op0", "op1", "op2")]
     assert [k["name"] for k in report.kept_fp32] == ["op0", "op1", "op2"]
+    # the measured metric gain puts the real culprit first, although the error ranked it last
+    assert [r["name"] for r in report.layers] == ["op2", "op0", "op1"]
+    assert report.layers[0]["metric_gain"] == 0.5 and report.layers[1]["metric_gain"] == 0.0
+    assert "raised the metric by +0.5" in report.kept_fp32[-1]["reason"]
 
 
 def test_basic_uses_the_fallback_group(tmp_path):
