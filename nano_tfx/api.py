@@ -52,50 +52,71 @@ class QuantizationRequest:
     options: BackendOptions
     min_speedup: float | None = None  # FP32 ms / quantized ms the result must reach (None: no gate)
 
+    @classmethod
+    def from_kwargs(
+        cls,
+        *,
+        has_metric: bool,
+        precision: str = "int8",
+        accelerator: str | None = None,
+        approach: str = "static",
+        accuracy_criterion: Any = None,
+        tuning_strategy: str | None = None,
+        max_trials: int | None = None,
+        timeout: Any = 0,
+        batch: int | None = None,
+        sample_size: int | None = 100,
+        method: str | None = None,
+        thread_num: int | None = None,
+        onnxruntime_session_options: Any = None,
+        openvino_config: Mapping | None = None,
+        min_speedup: Any = None,
+    ) -> "QuantizationRequest":
+        """Check every argument before any work starts; errors name the argument.
+
+        The one place the engine's arguments are validated and defaulted: ``quantize``, the
+        ``QuantizationCallback`` (at construction, not mid-training) and the TFX ``Quantizer``
+        (at pipeline construction) all call it. ``has_metric``: a metric/eval_func will measure
+        accuracy (the Quantizer always has the Evaluator's)."""
+        if accelerator not in ACCELERATORS:
+            raise ValueError(f"accelerator: expected one of {list(ACCELERATORS)} (None = Intel Neural Compressor), "
+                             f"got {accelerator!r}")
+        if precision not in PRECISIONS and not (accelerator == "auto" and precision == "auto"):
+            raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+        if approach not in APPROACHES:
+            raise ValueError(f"approach: expected 'static' or 'dynamic', got {approach!r}")
+        if tuning_strategy is not None and str(tuning_strategy).lower() not in STRATEGIES:
+            raise ValueError(f"tuning_strategy: expected one of {PUBLIC_STRATEGIES}, got {tuning_strategy!r}")
+        criterion = AccuracyCriterion.parse(accuracy_criterion)
+        if criterion is not None and not has_metric:
+            raise ValueError("accuracy_criterion: needs a metric or eval_func to measure accuracy with")
+        if criterion is None and has_metric:
+            criterion = AccuracyCriterion.parse(DEFAULT_CRITERION)
+        _check_int("max_trials", max_trials, 1)
+        timeout = check_timeout(timeout)
+        _check_int("batch", batch, 1)
+        _check_int("sample_size", sample_size, 1)
+        _check_int("thread_num", thread_num, 1)
+        if method is not None and method not in ("qlinear", "integer"):
+            raise ValueError(f"method: expected None, 'qlinear' or 'integer', got {method!r}")
+        if method is not None and accelerator not in ("onnxruntime", "auto"):
+            raise ValueError(f"method: only used with accelerator='onnxruntime', got accelerator={accelerator!r}")
+        if openvino_config is not None and not isinstance(openvino_config, Mapping):
+            raise ValueError(f"openvino_config: expected a dict of OpenVINO properties, got {type(openvino_config).__name__}")
+        options = BackendOptions(thread_num=thread_num, method=method,
+                                 onnxruntime_session_options=onnxruntime_session_options,
+                                 openvino_config=openvino_config, approach=approach)
+        if max_trials is None:
+            max_trials = DEFAULT_MAX_TRIALS if has_metric else None
+        return cls(precision, accelerator, approach, criterion, tuning_strategy, max_trials, float(timeout),
+                   batch, sample_size, options, check_min_speedup(min_speedup))
+
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-
-
-def make_request(precision: str, accelerator: str | None, approach: str, accuracy_criterion: Any,
-                 has_metric: bool, tuning_strategy: str | None, max_trials: int | None, timeout: Any,
-                 batch: int | None, sample_size: int | None, method: str | None, thread_num: int | None,
-                 onnxruntime_session_options: Any, openvino_config: Mapping | None,
-                 min_speedup: Any = None) -> QuantizationRequest:
-    """Check every argument before any work starts; errors name the argument."""
-    if accelerator not in ACCELERATORS:
-        raise ValueError(f"accelerator: expected None, 'onnxruntime', 'openvino' or 'auto', got {accelerator!r}")
-    if precision not in PRECISIONS and not (accelerator == "auto" and precision == "auto"):
-        raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
-    if approach not in APPROACHES:
-        raise ValueError(f"approach: expected 'static' or 'dynamic', got {approach!r}")
-    if tuning_strategy is not None and str(tuning_strategy).lower() not in STRATEGIES:
-        raise ValueError(f"tuning_strategy: expected one of {PUBLIC_STRATEGIES}, got {tuning_strategy!r}")
-    criterion = AccuracyCriterion.parse(accuracy_criterion)
-    if criterion is not None and not has_metric:
-        raise ValueError("accuracy_criterion: needs a metric or eval_func to measure accuracy with")
-    if criterion is None and has_metric:
-        criterion = AccuracyCriterion.parse(DEFAULT_CRITERION)
-    _check_int("max_trials", max_trials, 1)
-    timeout = check_timeout(timeout)
-    _check_int("batch", batch, 1)
-    _check_int("sample_size", sample_size, 1)
-    _check_int("thread_num", thread_num, 1)
-    if method is not None and method not in ("qlinear", "integer"):
-        raise ValueError(f"method: expected None, 'qlinear' or 'integer', got {method!r}")
-    if method is not None and accelerator not in ("onnxruntime", "auto"):
-        raise ValueError(f"method: only used with accelerator='onnxruntime', got accelerator={accelerator!r}")
-    if openvino_config is not None and not isinstance(openvino_config, Mapping):
-        raise ValueError(f"openvino_config: expected a dict of OpenVINO properties, got {type(openvino_config).__name__}")
-    options = BackendOptions(thread_num=thread_num, method=method,
-                             onnxruntime_session_options=onnxruntime_session_options,
-                             openvino_config=openvino_config, approach=approach)
-    return QuantizationRequest(precision, accelerator, approach, criterion, tuning_strategy,
-                               max_trials if max_trials is not None else (DEFAULT_MAX_TRIALS if has_metric else None),
-                               float(timeout), batch, sample_size, options, check_min_speedup(min_speedup))
 
 
 def check_timeout(timeout: Any) -> float:
@@ -217,9 +238,12 @@ def quantize(
     is raised with the model and report.
     """
     evaluator = make_evaluator(metric, eval_func)
-    request = make_request(precision, accelerator, approach, accuracy_criterion, evaluator is not None,
-                           tuning_strategy, max_trials, timeout, batch, sample_size, method, thread_num,
-                           onnxruntime_session_options, openvino_config, min_speedup)
+    request = QuantizationRequest.from_kwargs(
+        has_metric=evaluator is not None, precision=precision, accelerator=accelerator, approach=approach,
+        accuracy_criterion=accuracy_criterion, tuning_strategy=tuning_strategy, max_trials=max_trials,
+        timeout=timeout, batch=batch, sample_size=sample_size, method=method, thread_num=thread_num,
+        onnxruntime_session_options=onnxruntime_session_options, openvino_config=openvino_config,
+        min_speedup=min_speedup)
     if conf is not None:
         raise ValueError("conf: INC yaml/config objects are not used; pass the tuning arguments directly")
     if calib_dataset is None and x is None:

@@ -132,3 +132,36 @@ def test_report_command_reads_the_demo_root(demo):
     proc = subprocess.run(cli() + ["report", root], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| # | backend |" in proc.stdout and "TFX: blessed=True" in proc.stdout
+
+
+def test_zz_rerun_resumes_from_previous_report(demo):
+    """A second ``nano-tfx demo`` on the same root: upstream components come from TFX's cache,
+    the Evaluator now has a baseline model, and the Quantizer resumes from its previous report
+    (the resolver wires it in): no trial re-runs, a second version is pushed. Runs last."""
+    root, _, _ = demo
+    before = _reports(root)
+    assert len(before) == 1
+    proc = subprocess.run(
+        cli() + ["demo", "--root", root, "--train-steps", str(TRAIN_STEPS), "--beam-mode", BEAM_MODE],
+        capture_output=True, text=True, timeout=1500, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = _reports(root)
+    assert len(after) == 2
+    first, report = before[0], after[-1]
+    assert report["tfx"]["resumed_from"]
+    assert report["tfx"]["evaluator"]["candidate_name"] == "candidate"  # the Evaluator had a baseline
+    assert report["trials"] and all(t["status"] == "reused" for t in report["trials"]), report["trials"]
+    assert [t["key"] for t in report["trials"]] == [t["key"] for t in first["trials"]][: len(report["trials"])]
+    assert report["tfx"]["blessed"] is True
+    assert len(glob.glob(os.path.join(root, "serving_model", "*"))) == 2
+
+
+def _reports(root: str) -> list:
+    paths = sorted(glob.glob(os.path.join(root, "pipeline_root", "Quantizer", "report", "*", "report.json")),
+                   key=lambda p: int(p.split(os.sep)[-2]))
+    out = []
+    for path in paths:
+        with open(path) as f:
+            out.append(json.load(f))
+    return out

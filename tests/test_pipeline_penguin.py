@@ -6,6 +6,10 @@ TFX's bundled penguin data. Three runs share one pipeline root (upstream compone
 2. rerun: the Quantizer resumes from the previous report (no trial re-run); the Evaluator now
    has a baseline model (candidate/baseline naming);
 3. an unreachable Evaluator bar: FP32 not blessed → Quantizer NOT_BLESSED → nothing pushed.
+
+The whole module is in the extended set (``NANO_TFX_EXTENDED=1``): the default run covers the
+same end-to-end path with the digits demo (``test_pipeline_digits.py``, including the resumed
+rerun), and the Quantizer's decisions with the executor tests, in a fraction of the time.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 BEAM_ARGS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 # 100 eval examples: one flipped prediction is a 1 % drop. 2 % keeps the search short and is

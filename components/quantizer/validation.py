@@ -5,11 +5,11 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from nano_tfx.api import ACCELERATORS, PRECISIONS, check_timeout  # the Keras API's own lists and checks
+from nano_tfx.api import ACCELERATORS, DEFAULT_CRITERION, PRECISIONS, QuantizationRequest
 from nano_tfx.criterion import AccuracyCriterion
-from nano_tfx.speed import check_min_speedup
 
-DEFAULT_ACCURACY_CRITERION = {"relative": 0.01, "higher_is_better": True}
+#: the engine's default, one definition (nano_tfx.api)
+DEFAULT_ACCURACY_CRITERION = DEFAULT_CRITERION
 # The Quantizer never blesses a model slower than the FP32 model it replaces (the Keras API's
 # default is no gate; the speed-up is reported either way).
 DEFAULT_MIN_SPEEDUP = 1.0
@@ -31,13 +31,10 @@ def validate_accuracy_criterion(criterion: Any) -> dict | None:
     return parsed.to_dict()
 
 
-def _engine_check(accelerator: Any, precision: str, tuning_strategy: Any) -> None:
-    """What the engine can't do (precision per accelerator, strategy names), before any run."""
+def _engine_check(accelerator: Any, precision: str) -> None:
+    """What the chosen backend can't do (precision per accelerator), before any run."""
     from nano_tfx.backends.base import backend_class
-    from nano_tfx.tuning.strategies import PUBLIC_STRATEGIES, STRATEGIES
 
-    if tuning_strategy is not None and tuning_strategy.lower() not in STRATEGIES:
-        raise ValueError(f"tuning_strategy: expected one of {PUBLIC_STRATEGIES}, got {tuning_strategy!r}")
     if accelerator == "auto":
         return
     cls = backend_class(accelerator)
@@ -66,11 +63,8 @@ def validate_parameters(
     min_speedup: Any = DEFAULT_MIN_SPEEDUP,
 ) -> dict:
     """Validate every parameter; return the exec-property dict (None for unset optionals)."""
-    if accelerator not in ACCELERATORS:
-        raise ValueError(
-            f"accelerator: expected one of {list(ACCELERATORS)} (None = Intel Neural Compressor), "
-            f"got {accelerator!r}"
-        )
+    if accelerator not in ACCELERATORS:  # first: the precision checks below depend on it
+        QuantizationRequest.from_kwargs(has_metric=True, accelerator=accelerator)
     if not isinstance(precision, str) or (precision not in PRECISIONS and precision != "auto"):
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     if precision == "auto" and accelerator != "auto":
@@ -81,7 +75,6 @@ def validate_parameters(
             raise ValueError(f"{name}: expected a non-empty string or None, got {value!r}")
     if max_trials is not None and (not _is_int(max_trials) or max_trials < 1):
         raise ValueError(f"max_trials: expected a positive integer or None, got {max_trials!r}")
-    timeout = check_timeout(float(timeout) if _is_number(timeout) else timeout)
     for name, value in (
         ("calibration_split", calibration_split),
         ("evaluation_split", evaluation_split),
@@ -93,8 +86,13 @@ def validate_parameters(
         raise ValueError(f"sample_size: expected a positive integer (calibration samples), got {sample_size!r}")
     if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
-    _engine_check(accelerator, precision, tuning_strategy)
-    speedup_bar = check_min_speedup(min_speedup)
+    # The engine's own checks and defaults, exactly as quantize() and the callback apply them.
+    request = QuantizationRequest.from_kwargs(
+        has_metric=True, accelerator=accelerator, precision=precision, accuracy_criterion=accuracy_criterion,
+        tuning_strategy=tuning_strategy, max_trials=max_trials,
+        timeout=float(timeout) if _is_number(timeout) else timeout, batch=batch_size,
+        sample_size=int(sample_size), min_speedup=min_speedup)
+    _engine_check(accelerator, precision)
     return {
         "accelerator": accelerator,
         "precision": precision,
@@ -103,11 +101,11 @@ def validate_parameters(
         "label_key": label_key,
         "tuning_strategy": tuning_strategy,
         "max_trials": int(max_trials) if max_trials is not None else None,
-        "timeout": float(timeout),
+        "timeout": request.timeout,
         "calibration_split": calibration_split,
         "evaluation_split": evaluation_split,
         "sample_size": int(sample_size),
         "batch_size": int(batch_size) if batch_size is not None else None,
         "signature_name": signature_name,
-        "min_speedup": 0.0 if speedup_bar is None else speedup_bar,  # None = no gate
+        "min_speedup": 0.0 if request.min_speedup is None else request.min_speedup,  # None = no gate
     }

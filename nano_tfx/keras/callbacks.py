@@ -76,16 +76,15 @@ class QuantizationCallback(keras.callbacks.Callback):
             raise ValueError(f"quantize_kwargs: unknown quantize() arguments {sorted(unknown)}")
         if save_best_only and save_path is None:
             log.info("QuantizationCallback: save_best_only without save_path keeps the best model in memory")
-        from nano_tfx.api import make_request  # check accelerator/precision/... now, not mid-training
+        # check accelerator/precision/... now, not mid-training: the engine's own validation
+        from nano_tfx.api import QuantizationRequest
 
-        make_request(quantize_kwargs.get("precision", "int8"), quantize_kwargs.get("accelerator"),
-                     quantize_kwargs.get("approach", "static"), self.criterion,
-                     metric is not None or quantize_kwargs.get("eval_func") is not None,
-                     quantize_kwargs.get("tuning_strategy"), quantize_kwargs.get("max_trials"),
-                     quantize_kwargs.get("timeout", 0), quantize_kwargs.get("batch"),
-                     quantize_kwargs.get("sample_size", 100), quantize_kwargs.get("method"),
-                     quantize_kwargs.get("thread_num"), None, quantize_kwargs.get("openvino_config"),
-                     quantize_kwargs.get("min_speedup"))
+        shared = set(inspect.signature(QuantizationRequest.from_kwargs).parameters)
+        QuantizationRequest.from_kwargs(
+            has_metric=metric is not None or quantize_kwargs.get("eval_func") is not None,
+            accuracy_criterion=accuracy_criterion,
+            **{k: v for k, v in quantize_kwargs.items() if k in shared},
+        )
         self.calib_dataset = calib_dataset
         self.validation_data = validation_data
         self.metric = metric
