@@ -8,6 +8,7 @@ Quantizer executor's own layout writer (``Executor._write_model``) -> ``Format-S
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import logging
@@ -70,9 +71,17 @@ def _raw_spec(example: bytes) -> dict:
     return spec
 
 
-def write_transform(root: str, examples: list[bytes], preprocessing_fn: Callable) -> tuple[str, dict]:
-    """A tf.Transform output (what TFX's Transform writes) analysed on ``examples``.
-    Returns (transform_graph dir, parsed raw features as numpy)."""
+def _instance(example: bytes, raw_spec: dict) -> dict:
+    """One raw example in tf.Transform's instance-dict format (a list for a VarLenFeature)."""
+    parsed = tf.io.parse_single_example(example, raw_spec)
+    return {k: (v.values.numpy() if isinstance(v, tf.SparseTensor) else v.numpy()) for k, v in parsed.items()}
+
+
+def write_transform(root: str, examples: list[bytes], preprocessing_fn: Callable, raw_spec: Optional[dict] = None,
+                    analyze_rows: int = ANALYZE_ROWS) -> tuple[str, dict]:
+    """A tf.Transform output (what TFX's Transform writes) analysed on ``examples``; ``raw_spec``
+    defaults to dense features typed like the first example.
+    Returns (transform_graph dir, parsed raw features as numpy; sparse ones as their values)."""
     import apache_beam as beam
     import tensorflow_transform as tft
     import tensorflow_transform.beam as tft_beam
@@ -81,10 +90,14 @@ def write_transform(root: str, examples: list[bytes], preprocessing_fn: Callable
 
     started = time.time()
     transform_dir = os.path.join(root, "transform_graph")
-    raw_spec = _raw_spec(examples[0])
-    parsed = {k: v.numpy() for k, v in tf.io.parse_example(tf.constant(examples), raw_spec).items()}
+    raw_spec = raw_spec or _raw_spec(examples[0])
+    parsed = {k: (v.values if isinstance(v, tf.SparseTensor) else v).numpy()
+              for k, v in tf.io.parse_example(tf.constant(examples), raw_spec).items()}
     # A few hundred rows are enough for the analyzers here (min/max, mean/var) and keep Beam short.
-    rows = [{k: parsed[k][i] for k in parsed} for i in range(min(len(examples), ANALYZE_ROWS))]
+    if any(isinstance(v, tf.io.VarLenFeature) for v in raw_spec.values()):
+        rows = [_instance(ex, raw_spec) for ex in examples[:analyze_rows]]
+    else:
+        rows = [{k: parsed[k][i] for k in parsed} for i in range(min(len(examples), analyze_rows))]
     metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_spec))
     # The in-process FnApiRunner: Beam 2.74's DirectRunner first tries Prism (downloads a binary).
     with beam.Pipeline(runner=FnApiRunner()) as p, tft_beam.Context(temp_dir=os.path.join(root, "tft_tmp")):
@@ -180,3 +193,123 @@ def penguin_models(root: str, epochs: int = 80) -> tuple[str, str]:
     examples, _ = penguin_examples("train")
     return build_fp32(root, examples, penguin_utils.preprocessing_fn, penguin_utils.make_model,
                       penguin_utils.LABEL_KEY, penguin_utils.transformed_name(penguin_utils.LABEL_KEY), epochs)
+
+
+# -- Chicago taxi: TFX's own example module, untouched (a pipeline nobody tuned to) -----------------
+TAXI_MODULE = "tfx.examples.chicago_taxi_pipeline.taxi_utils_native_keras"
+TAXI_DATA = os.path.join(os.path.dirname(__import__("tfx").__file__), "examples", "chicago_taxi_pipeline", "data",
+                         "simple", "data.csv")
+TAXI_LABEL = "tips"
+# The column types CsvExampleGen infers for the whole file (a column's first rows can mislead).
+_TAXI_FLOAT = {"fare", "pickup_latitude", "pickup_longitude", "dropoff_latitude", "dropoff_longitude",
+               "trip_miles", "tips"}
+_TAXI_STRING = {"payment_type", "company"}
+
+
+def _taxi_feature(key: str, value: str) -> tf.train.Feature:
+    if key in _TAXI_FLOAT:
+        return _float(value)
+    if key in _TAXI_STRING:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+    return _int64(value)
+
+
+def taxi_examples(start: int, stop: int, with_label: bool = True) -> list[bytes]:
+    """Rows [start, stop) of the taxi CSV as CsvExampleGen writes them: an empty field is a
+    missing feature (the stock ``preprocessing_fn`` fills it in)."""
+    out = []
+    with open(TAXI_DATA) as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            if i >= stop:
+                break
+            if i >= start:
+                feats = {k: _taxi_feature(k, v) for k, v in row.items() if v != "" and (with_label or k != TAXI_LABEL)}
+                out.append(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+    return out
+
+
+def taxi_raw_spec() -> dict:
+    """What SchemaGen + Transform give the taxi columns: every one may be missing -> VarLenFeature."""
+    with open(TAXI_DATA) as f:
+        keys = next(csv.reader(f))
+    return {k: tf.io.VarLenFeature(tf.float32 if k in _TAXI_FLOAT else tf.string if k in _TAXI_STRING else tf.int64)
+            for k in keys}
+
+
+def taxi_models(root: str, rows: int = 2000, epochs: int = 3, analyze_rows: int = 1000) -> tuple[str, str]:
+    """(FP32 Trainer SavedModel, transform_graph) of the stock taxi module: its ``preprocessing_fn``
+    and ``_build_keras_model`` (Keras 3 wide & deep, int32 + float inputs), ~190 training steps."""
+    import importlib
+
+    import keras
+    import tensorflow_transform as tft
+
+    taxi = importlib.import_module(TAXI_MODULE)
+    examples = taxi_examples(0, rows)
+    transform_dir, _ = write_transform(root, examples, taxi.preprocessing_fn, taxi_raw_spec(), analyze_rows)
+    started = time.time()
+    keras.utils.set_random_seed(0)
+    tft_output = tft.TFTransformOutput(transform_dir)
+    xf = tft_output.transform_features_layer()(tf.io.parse_example(tf.constant(examples), tft_output.raw_feature_spec()))
+    model = taxi._build_keras_model()
+    x = {k: xf[k] for k in model.input_names} if getattr(model, "input_names", None) else \
+        {t.name: xf[t.name] for t in model.inputs}
+    model.fit(x, xf[taxi._transformed_name(TAXI_LABEL)], epochs=epochs, batch_size=32, verbose=0)
+    model_dir = save_trainer_model(model, transform_dir, TAXI_LABEL, os.path.join(root, "fp32"))
+    logger.info("taxi FP32 model trained and saved in %.1fs", time.time() - started)
+    return model_dir, transform_dir
+
+
+# -- the server subprocess -----------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(models: dict, first: str, root: str, extra_args: tuple = (), timeout: float = 600):
+    """``nano-tfx serve`` of every ``models`` folder (name -> path) in a subprocess: yields
+    (process, port, log path) once ready (RuntimeError with the log's tail if it is not), and
+    always stops it (SIGKILL if a test did not already stop it)."""
+    import subprocess
+    import sys
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", models[first], "--name", first, "--port", str(port),
+           *extra_args]
+    for name, path in models.items():
+        if name != first:
+            cmd += ["--model", f"{name}={path}"]
+    log = os.path.join(root, "server.log")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(proc, port, log, timeout)
+        yield proc, port, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def _wait_ready(proc, port: int, log: str, timeout: float) -> None:
+    import requests
+
+    deadline = time.time() + timeout
+    while True:
+        problem = f"server exited {proc.returncode}" if proc.poll() is not None else None
+        if problem is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if time.time() > deadline:
+                problem = f"server not ready after {timeout:g}s"
+        if problem:
+            raise RuntimeError(f"{problem}:\n{open(log).read()[-4000:]}")
+        time.sleep(0.5)

@@ -13,10 +13,8 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -31,10 +29,6 @@ MAX_BATCH = 512
 MAX_BODY = 2 * 1024 * 1024
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -96,37 +90,11 @@ def _build(root: str) -> dict:
 def server(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("serve"))
     models = _build(root)
-    port = _free_port()
-    first = "digits_fp32"
-    cmd = [sys.executable, "-m", "pipelines.cli", "serve", models[first], "--name", first, "--port", str(port),
-           "--max-batch-size", str(MAX_BATCH), "--max-request-size", str(MAX_BODY)]
-    for name, path in models.items():
-        if name != first:
-            cmd += ["--model", f"{name}={path}"]
-    log = os.path.join(root, "server.log")
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(proc, port, log)
-    try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited {proc.returncode}:\n{srv.log_tail()}")
-            try:
-                if requests.get(f"{srv.url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server not ready after 600s:\n{srv.log_tail()}")
-            time.sleep(0.5)
+    with serve_models.served(models, "digits_fp32", root, (
+            "--max-batch-size", str(MAX_BATCH), "--max-request-size", str(MAX_BODY))) as (proc, port, log):
+        srv = Server(proc, port, log)
         srv.models = models
         yield srv
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
 
 
 @pytest.fixture(scope="module")

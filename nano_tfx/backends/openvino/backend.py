@@ -43,7 +43,8 @@ from nano_tfx.backends.base import (
     register,
 )
 from nano_tfx.backends.openvino.convert import (
-    _WEIGHTED_TYPES, _has_attention, _port_indices, _rebuild_io, _stable_names,
+    _WEIGHTED_TYPES, _has_attention, _port_indices, _rebuild_io, _stable_names, convert_via_onnx,
+    unsupported_tf_ops,
 )
 from nano_tfx.interchange import SavedModelSource
 
@@ -252,7 +253,7 @@ class OpenVINOBackend(Backend):
     def prepare(self, source: SavedModelSource, workdir: str) -> OpenVINOPrepared:
         import openvino as ov
 
-        model, route = None, "concrete_function"
+        model, route, ops = None, "concrete_function", []
         if source.signature_key == "serving_default":
             # The TF frontend reads 'serving_default' of a SavedModel directory natively (no TF
             # runtime, fastest). It fails on SavedModels whose graph holds variables that are not
@@ -261,15 +262,34 @@ class OpenVINOBackend(Backend):
             try:
                 model, route = ov.convert_model(source.path), "saved_model_dir"
             except Exception as exc:
+                ops = unsupported_tf_ops(exc)
                 _LOG.info("openvino: SavedModel-directory conversion failed (%s); converting the "
                           "loaded signature instead", str(exc).strip().splitlines()[-1][:200])
         loaded = None
-        if model is None:
+        if model is None and not ops:
             # The converted model's weight constants share memory with the loaded TF variables:
             # ``loaded`` must outlive the IR write, and the model kept is the one read back from
             # the IR (freed TF memory otherwise shows up as garbage weights, a flaky accuracy).
             loaded, fn = source.load_signature()
-            model = ov.convert_model(fn)
+            try:
+                model = ov.convert_model(fn)
+            except Exception as exc:
+                ops = unsupported_tf_ops(exc)
+                if not ops:
+                    raise
+                loaded = None
+        if model is None:
+            # tf2onnx rewrites some TF ops the TF frontend has no translator for (Keras'
+            # CategoryEncoding -> DenseBincount): go through ONNX instead of failing.
+            _LOG.info("openvino: the TensorFlow frontend cannot convert %s; converting through ONNX "
+                      "(tf2onnx) instead", ops)
+            route = "onnx"
+            try:
+                model = convert_via_onnx(source, os.path.join(workdir, "openvino_onnx"))
+            except Exception as exc:
+                raise ValueError(
+                    f"model: OpenVINO's TensorFlow frontend cannot convert the ops {ops} of signature "
+                    f"{source.signature_key!r}, and the ONNX route failed too: {exc}") from exc
         model = _rebuild_io(model, source)
         _stable_names(model)
         out_dir = os.path.join(workdir, "openvino_fp32")

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+
+import numpy as np
 
 from typing import Sequence
 
@@ -40,12 +43,23 @@ def _port_indices(ports, names: Sequence[str], what: str) -> list[int]:
 def _rebuild_io(model, source: SavedModelSource):
     """Same graph, parameters/results in ``source`` order carrying exactly the source names."""
     import openvino as ov
+    import openvino.runtime.opset13 as opset13
 
-    in_idx = _port_indices(model.inputs, source.input_names, "inputs")
+    model_names = set().union(*(p.get_names() for p in model.inputs)) if model.inputs else set()
+    unused = [t for t in source.inputs if t.name not in model_names and f"{t.name}:0" not in model_names]
+    kept = [n for n in source.input_names if n not in {t.name for t in unused}]
+    in_idx = dict(zip(kept, _port_indices(model.inputs, kept, "inputs")))
     out_idx = _port_indices(model.outputs, source.output_names, "outputs")
-    params = [model.get_parameters()[i] for i in in_idx]
+    if unused:
+        # A signature input the graph never reads (a Keras Input wired to no layer) is pruned by
+        # the converters; keep it as a dangling parameter so the model's inputs stay the source's.
+        _LOG.info("openvino: inputs %s are unused by the graph; kept as unconnected parameters",
+                  [t.name for t in unused])
+    extra = {t.name: opset13.parameter(ov.PartialShape([ov.Dimension() if d is None else d for d in t.shape]),
+                                          ov.Type(np.dtype(t.dtype)), name=t.name) for t in unused}
+    params = [model.get_parameters()[in_idx[n]] if n in in_idx else extra[n] for n in source.input_names]
     results = [model.get_results()[i] for i in out_idx]
-    if len(params) != len(model.get_parameters()):
+    if len(params) - len(extra) != len(model.get_parameters()):
         raise ValueError(
             f"inputs: signature {source.signature_key!r} converted to {len(model.get_parameters())} "
             f"inputs but the source lists {source.input_names}"
@@ -118,3 +132,32 @@ def _has_attention(model) -> bool:
                         nxt.append(c)
             frontier, depth = nxt, depth + 1
     return False
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX route
+# --------------------------------------------------------------------------------------------
+_NO_TRANSLATOR = re.compile(r"no translator found for operation\(s\):\s*([^\n]+)")
+
+
+def unsupported_tf_ops(exc: Exception) -> list[str]:
+    """The TF ops OpenVINO's TensorFlow frontend named as unconvertible ([] for other errors)."""
+    match = _NO_TRANSLATOR.search(str(exc))
+    return [op.strip() for op in match.group(1).split(",") if op.strip()] if match else []
+
+
+def convert_via_onnx(source: SavedModelSource, workdir: str):
+    """SavedModel signature -> ONNX (tf2onnx, as the ONNX Runtime backend does) -> OpenVINO.
+
+    For graphs the TF frontend has no translator for but tf2onnx rewrites into standard ONNX ops
+    (e.g. ``DenseBincount`` from Keras' ``CategoryEncoding``, which OpenVINO 2024.6 lacks)."""
+    import openvino as ov
+    import openvino.runtime.opset13 as opset13
+
+    from nano_tfx.backends.onnxruntime.convert import _convert_to_onnx
+    from nano_tfx.backends.onnxruntime.space import DEFAULT_OPSET
+
+    os.makedirs(workdir, exist_ok=True)
+    onnx_path = os.path.join(workdir, "fp32_tf2onnx.onnx")
+    _convert_to_onnx(source, onnx_path, DEFAULT_OPSET)
+    return ov.convert_model(onnx_path)
