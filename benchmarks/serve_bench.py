@@ -145,7 +145,7 @@ def build_variants(name: str, root: str, variants: list[str]) -> tuple[dict, lis
             fp32, transform = os.path.join(root, "fp32"), os.path.join(root, "transform_graph")
         else:
             fp32, transform = serve_models.digits_models(root)
-        calib_examples = serve_models.digits_examples("train")[0][:100]
+        calib_examples = serve_models.quantizer_sample(serve_models.digits_examples("train")[0])
         eval_examples = serve_models.digits_examples("eval", with_label=False)[0]
         notes["model"] = "the digits pipeline's CNN over its tf.Transform graph (65 raw int64 features)"
     else:

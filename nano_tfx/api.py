@@ -261,8 +261,11 @@ def quantize(
         return _quantize(model, request, pairs, calib_dataset if calib_dataset is not None else x, y,
                          evaluator, eval_dataset, inputs, outputs, input_spec, signature_name, baseline,
                          trial_runner, previous_report, workdir, own_workdir, logging)
-    except BaseException:
-        if own_workdir:
+    except BaseException as err:
+        # A missed bar hands back its best model, whose trial files live in ``workdir``: that
+        # model owns the folder now (removed when it is garbage-collected), so keep it.
+        handed_back = isinstance(err, AccuracyCriterionNotMet) and err.best_model is not None
+        if own_workdir and not handed_back:
             shutil.rmtree(workdir, ignore_errors=True)
         raise
 

@@ -328,3 +328,26 @@ def test_multi_input_multi_output_names(tmp_path):
     q = cand.run([xa, xb])
     assert [o.shape for o in q] == [(64, 3), (64, 1)]
     assert np.abs(q[0] - ref[0]).max() < 0.1 * np.abs(ref[0]).max()
+
+
+def test_missed_bar_best_model_outlives_the_call(tmp_path):
+    """``AccuracyCriterionNotMet.best_model`` of a call with its own temp workdir saves and loads:
+    the failed call used to remove that workdir on the way out, deleting the best trial's
+    model.onnx (the first of two here: the second scores lower) before ``save()``."""
+    import tf_keras
+
+    import nano_tfx
+
+    tf_keras.utils.set_random_seed(0)
+    model = tf_keras.Sequential([tf_keras.Input((8,)), tf_keras.layers.Dense(16, activation="relu"),
+                                 tf_keras.layers.Dense(4)])
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    scores = iter([1.0, 0.8, 0.7])  # FP32 first, then each trial worse
+    with pytest.raises(nano_tfx.AccuracyCriterionNotMet) as info:
+        nano_tfx.quantize(model, accelerator="onnxruntime", calib_dataset=x, eval_func=lambda m: next(scores),
+                          accuracy_criterion={"relative": 0.01}, max_trials=2)
+    best = info.value.best_model
+    assert [t.metric for t in info.value.report.trials] == [0.8, 0.7]
+    best.save(str(tmp_path / "m"))
+    loaded = nano_tfx.load(str(tmp_path / "m"))
+    np.testing.assert_allclose(loaded.predict(x), best.predict(x), rtol=1e-5, atol=1e-5)

@@ -75,7 +75,7 @@ def _build(root: str) -> dict:
     ):
         base = os.path.join(root, task)
         fp32, transform = build(base)
-        calib = serve_models.transformed_inputs(fp32, transform, examples("train")[0][:100])
+        calib = serve_models.transformed_inputs(fp32, transform, serve_models.quantizer_sample(examples("train")[0]))
         models[f"{task}_fp32"] = fp32
         for backend in BACKENDS:
             plain = os.path.join(base, "saved_ort") if (task, backend) == ("digits", "onnxruntime") else None
@@ -173,12 +173,12 @@ def test_int8_agrees_with_fp32_on_raw_examples(server, fp32_outputs, digits_eval
     want, got = fp32_outputs["digits"]["outputs"], digits["outputs"]
     assert got.shape == want.shape
     assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.99
-    # Penguin: the bar is the same class everywhere. One default INT8 trial (no accuracy
-    # search) flips 3-6 of 100 borderline eval examples on OpenVINO/ONNX here (INC: none), and
-    # the accuracy-search route trips an engine bug (trial model deleted before save); until
-    # then this is the measured bound, not the bar.
+    # Penguin: the bar is the same class everywhere. Calibrated on the Quantizer's own
+    # sample of the train split (quantizer_sample; the first 100 rows covered two species and
+    # flipped 2-6 classes), INC and ONNX Runtime agree on all 100. OpenVINO still flips the same
+    # 2 eval rows (FP32 margins 10-11, logit error ~15) even calibrated on the whole split: open.
     agree = np.mean(penguin["outputs"].argmax(-1) == fp32_outputs["penguin"]["outputs"].argmax(-1))
-    assert agree >= (1.0 if backend == "inc" else 0.93), agree
+    assert agree >= (0.98 if backend == "openvino" else 1.0), agree
 
 
 def test_quantized_model_folder_takes_its_own_named_inputs(server, fp32_outputs, digits_eval):

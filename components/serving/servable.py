@@ -79,6 +79,32 @@ def _tf_error(err: Exception) -> RequestError:
     return RequestError(f"examples: {line[:300]}")
 
 
+_TF_CONFIGURED = False
+
+
+def configure_tensorflow() -> None:
+    """Process-wide TensorFlow settings for serving; once, before any model is loaded.
+
+    With oneDNN on (nano_tfx turns it on: INC's INT8 kernels need it), Grappler's remapper fuses
+    Conv2D + FusedBatchNorm of a SavedModel (BatchNorm is variables there, never folded) into a
+    oneDNN convolution with BatchNorm as *binary* post-ops, and at batch 1 on an AVX2 CPU oneDNN
+    runs that through its gemm convolution with reference post-ops: MobileNetV2 took ~3.4 s per
+    image instead of ~55 ms (ONEDNN_VERBOSE: 35 convolutions ``x64:gemm:jit`` with
+    ``binary_sub+binary_mul+...`` post-ops, >95 % of the time). A server answers mostly batch-1
+    requests, so the remapper is off here; INC's INT8 graphs come already fused by INC.
+    """
+    global _TF_CONFIGURED
+    if _TF_CONFIGURED:
+        return
+    import tensorflow as tf
+
+    from nano_tfx._env import onednn_enabled
+
+    if onednn_enabled():
+        tf.config.optimizer.set_experimental_options({"remapping": False})
+    _TF_CONFIGURED = True
+
+
 def _saved_model(path: str) -> Servable:
     import tensorflow as tf
 
@@ -184,6 +210,7 @@ def load_servable(path: str, thread_num: Optional[int] = None) -> Servable:
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise ValueError(f"MODEL_DIR: expected a model directory, got {path!r}")
+    configure_tensorflow()
     has_savedmodel = os.path.isfile(os.path.join(path, "saved_model.pb"))
     has_manifest = os.path.isfile(os.path.join(path, MANIFEST))
     if has_savedmodel:
