@@ -55,7 +55,9 @@ class _NNCFReverted(logging.Handler):
         first = self.steps[0][1][0] if self.steps and self.steps[0][1] else None
         if self.final is not None:
             return self.final[0], first
-        return sum(n for n, _ in self.steps), first
+        # a step back re-reverts the same op later: count distinct names
+        names = {n for _, step in self.steps for n in step}
+        return (len(names) if names else sum(n for n, _ in self.steps)), first
 
 
 def run_one(model, data, accelerator, strategy, max_trials, nncf_log: bool = False):
