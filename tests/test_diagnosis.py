@@ -99,3 +99,67 @@ def test_quantized_model_diagnose(planted_runs, planted_mlp, digits):
     assert all(np.isfinite(r["sqnr_db"]) and r["sqnr_db"] > 5 for r in rows)
     with pytest.raises(ValueError, match="data"):
         q.diagnose(None)
+
+
+def _inc_mobilenet_block(tmp_path):
+    """Conv+BN+ReLU6 (grappler folds the BN scale and renames the conv after it), depthwise conv
+    (INC hands back a Dequantize), projection + residual, Dense: (backend, prepared, batches)."""
+    import keras
+
+    from nano_tfx.backends.base import backend_class
+    from nano_tfx.diagnosis import Batches
+    from nano_tfx.interchange import export_keras
+
+    keras.utils.set_random_seed(1)
+    L = keras.layers
+    inp = keras.Input((8, 8, 3), name="image")
+    x = L.ReLU(6.0)(L.BatchNormalization(name="stem_bn")(L.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inp)))
+    h = L.ReLU(6.0)(L.BatchNormalization(name="b_expand_bn")(L.Conv2D(16, 1, use_bias=False, name="b_expand")(x)))
+    h = L.ReLU(6.0)(L.BatchNormalization(name="b_dw_bn")(L.DepthwiseConv2D(3, padding="same", use_bias=False, name="b_dw")(h)))
+    h = L.BatchNormalization(name="b_project_bn")(L.Conv2D(8, 1, use_bias=False, name="b_project")(h))
+    x = L.Add()([x, h])
+    out = L.Dense(4, name="probs")(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:  # non-trivial BN statistics (an untrained BN folds to nothing)
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.get_weights()[0].shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n),
+                               rng.uniform(0.5, 2.0, n)])
+    batches = Batches([[rng.random((16, 8, 8, 3), dtype=np.float32)]])
+    backend = backend_class(None)()
+    return backend, backend.prepare(export_keras(model, str(tmp_path / "sm")), str(tmp_path)), batches
+
+
+def _quantized_ops(candidate) -> list[str]:
+    return [op.name for op in candidate._sess.graph.get_operations()
+            if op.type.startswith("Quantized") and op.type != "QuantizeV2"]
+
+
+def test_inc_diagnosis_covers_every_layer_of_a_mobilenet_block(tmp_path):
+    """Every quantized layer gets a row, under the name INC's fallback accepts."""
+    from nano_tfx.diagnosis import format_table
+
+    backend, prepared, batches = _inc_mobilenet_block(tmp_path)
+    space = backend.search_space(prepared, "int8", "static")
+    candidate = backend.quantize(prepared, "int8", space.default(), batches)
+    rows = backend.diagnose(prepared, candidate, list(batches))
+    assert len(_quantized_ops(candidate)) == len(prepared.compute_nodes) == 5
+    assert len(rows) == 5, [r["name"] for r in rows]
+    assert {r["name"] for r in rows} == set(space.fallback_candidates)
+    assert all(np.isfinite(r["sqnr_db"]) and 5 < r["sqnr_db"] < 80 for r in rows), format_table(rows)
+    for keras_name in ("stem_bn", "b_expand_bn", "b_dw", "b_project_bn", "probs"):
+        assert sum(f"/{keras_name}_1/" in r["name"] for r in rows) == 1, [r["name"] for r in rows]
+
+
+@pytest.mark.slow
+def test_inc_fallback_by_the_folded_bn_name_keeps_the_conv_in_fp32(tmp_path):
+    """The conv of a Conv+BN pair is only known to INC by the BN Mul's name (the default run
+    covers the names through the diagnosis rows above)."""
+    from nano_tfx.backends.base import TrialConfig
+
+    backend, prepared, batches = _inc_mobilenet_block(tmp_path)
+    expand = next(n for n in prepared.compute_nodes if "/b_expand_bn_1/" in n)
+    knobs = dict(backend.search_space(prepared, "int8", "static").default().knobs)
+    kept = backend.quantize(prepared, "int8", TrialConfig.make(knobs, [expand]), batches)
+    assert len(_quantized_ops(kept)) == 4 and not any(n.startswith(expand + "_eightbit") for n in _quantized_ops(kept))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from nano_tfx.backends.base import (
     AccuracyContext, Backend, CalibrationData, Candidate, SearchSpace, TrialConfig, register,
 )
-from nano_tfx.backends.inc.convert import _COMPUTE_OPS, _frozen_graph, _tensor_names
+from nano_tfx.backends.inc.convert import _COMPUTE_OPS, _frozen_graph, _tensor_names, inc_node_names
 from nano_tfx.backends.inc.quantize import _capture_calibration_on_fd2, _Loader, contained_temp_files
 from nano_tfx.interchange import SavedModelSource, TensorInfo, export_signature_as_default
 
@@ -30,6 +30,8 @@ class _Prepared:
     compute_nodes: list[str]
     input_nodes: list[str]  # frozen-graph placeholder names, in source.inputs order
     model_path: str  # what INC's fit() loads: a SavedModel whose serving_default is the signature
+    #: INC's name of each compute node (``compute_nodes``) -> its name in the frozen FP32 graph
+    fp32_nodes: dict[str, str] = field(default_factory=dict)
 
 
 class IncCandidate(Candidate):
@@ -118,14 +120,17 @@ class IncBackend(Backend):
 
     def prepare(self, source: SavedModelSource, workdir: str) -> _Prepared:
         graph_def, input_nodes, output_nodes = _frozen_graph(source)
-        nodes = [n.name for n in graph_def.node if n.op in _COMPUTE_OPS]
+        frozen = [n.name for n in graph_def.node if n.op in _COMPUTE_OPS]
+        inc_names = inc_node_names(graph_def, frozen)  # the names op_name_dict fallback accepts
+        nodes = [inc_names[n] for n in frozen]
         # First and last compute layers are the usual accuracy suspects: offer them first.
         ordered = nodes[:1] + nodes[-1:] + nodes[1:-1] if len(nodes) > 2 else nodes
         model_path = source.path
         if source.signature_key != "serving_default":  # INC's fit(path) always takes serving_default
             model_path = export_signature_as_default(source.path, source.signature_key,
                                                      os.path.join(workdir, "inc_input_model"))
-        return _Prepared(source, workdir, list(dict.fromkeys(ordered)), input_nodes, model_path)
+        return _Prepared(source, workdir, list(dict.fromkeys(ordered)), input_nodes, model_path,
+                         {v: k for k, v in inc_names.items()})
 
     def search_space(self, prepared: _Prepared, precision: str, approach: str) -> SearchSpace:
         return SearchSpace(

@@ -32,3 +32,39 @@ def _tensor_names(nodes: Sequence[str], sorted_keys: Sequence[str], wanted: Sequ
     tensors = [n if ":" in n else f"{n}:0" for n in nodes]
     by_key = dict(zip(sorted_keys, tensors))
     return [by_key[k] for k in wanted]
+
+
+def inc_node_names(graph_def, nodes) -> dict[str, str]:
+    """The name INC's optimized graph gives each compute node of the frozen graph.
+
+    TF's grappler (run by INC before quantizing) pushes a constant ``Mul`` right behind a
+    ``Conv2D``/``Conv3D`` - a Keras BatchNormalization's scale - into the filter and keeps the
+    *Mul's* name for the fused conv (``<bn>/batchnorm/mul_1``): INC's ``op_name_dict`` only
+    knows that name, so a fallback by the conv's own name would be a silent no-op.
+    """
+    by_name = {n.name: n for n in graph_def.node}
+    consumers: dict[str, list] = {}
+    for n in graph_def.node:
+        for i in n.input:
+            consumers.setdefault(i.split(":")[0].lstrip("^"), []).append(n)
+    constant: dict[str, bool] = {}
+
+    def is_constant(name: str, depth: int = 0) -> bool:
+        """A subgraph of constants only (grappler folds it: the BN scale gamma * rsqrt(var))."""
+        if name not in constant:
+            node = by_name.get(name)
+            inputs = [i.split(":")[0] for i in node.input if not i.startswith("^")] if node is not None else []
+            constant[name] = node is not None and (node.op == "Const" or (
+                bool(inputs) and depth < 8 and all(is_constant(i, depth + 1) for i in inputs)))
+        return constant[name]
+
+    out = {}
+    for name in nodes:
+        node, users = by_name[name], consumers.get(name, [])
+        if node.op in ("Conv2D", "Conv3D") and len(users) == 1 and users[0].op == "Mul":
+            other = [i.split(":")[0] for i in users[0].input if i.split(":")[0] != name]
+            if len(other) == 1 and is_constant(other[0]):
+                out[name] = users[0].name
+                continue
+        out[name] = name
+    return out

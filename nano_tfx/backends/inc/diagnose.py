@@ -28,22 +28,62 @@ def _dequantize(q: np.ndarray, lo, hi) -> np.ndarray:
     return q.astype(np.float64)
 
 
-def _fused_end(graph, node: str, fused_type: str) -> str:
-    """The FP32 op whose output the fused quantized op produces."""
-    by_input: dict[str, list] = {}
-    for op in graph.get_operations():
-        for t in op.inputs:
-            by_input.setdefault(t.op.name, []).append(op)
-    end = node
-    wanted = ["BiasAdd", "AddV2", "Add"] if "Bias" in fused_type else []
-    wanted += [v for k, v in _ACTIVATIONS.items() if f"And{k}" in fused_type]
-    for _ in range(3):
-        nxt = [c for c in by_input.get(end, []) if c.type in wanted]
-        if len(by_input.get(end, [])) != 1 or not nxt:
+_AFFINE = ("BiasAdd", "Add", "AddV2", "Mul")
+_DEQUANTIZE = ("Requantize", "RequantizePerChannel", "Dequantize")
+
+
+def _consumers(op) -> list:
+    seen: dict[str, object] = {}
+    for out in op.outputs:
+        for c in out.consumers():
+            seen.setdefault(c.name, c)
+    return list(seen.values())
+
+
+def _dynamic(graph) -> set[str]:
+    """Ops fed (transitively) by a Placeholder: inputs from anything else are constants."""
+    todo = [op for op in graph.get_operations() if op.type == "Placeholder"]
+    seen = {op.name for op in todo}
+    while todo:
+        for c in _consumers(todo.pop()):
+            if c.name not in seen:
+                seen.add(c.name)
+                todo.append(c)
+    return seen
+
+
+def _elementwise_chain(op, dynamic: set[str], passthrough=()) -> list:
+    """``op`` and the single-consumer chain of affine ops/activations (one data input each)
+    behind it - what INC folds or fuses into a compute op - through ``passthrough`` op types."""
+    chain = [op]
+    for _ in range(6):
+        users = _consumers(chain[-1])
+        if len(users) != 1:
             break
-        wanted = [w for w in wanted if w not in ("BiasAdd", "AddV2", "Add")] if nxt[0].type in ("BiasAdd", "AddV2", "Add") else []
-        end = nxt[0].name
-    return end
+        nxt = users[0]
+        if nxt.type not in passthrough and nxt.type not in _AFFINE + tuple(_ACTIVATIONS):
+            break
+        if len({t.op.name for t in nxt.inputs if t.op.name in dynamic}) != 1:
+            break  # e.g. a residual Add: its other input carries another layer's error
+        chain.append(nxt)
+    return chain
+
+
+def _fused_end(chain: list, fused_type: str, folded_mul: bool) -> str:
+    """The FP32 op whose output the fused quantized op produces (``chain``: the compute op and
+    its elementwise successors; ``folded_mul``: grappler folded the first Mul, a BN scale)."""
+    end = chain[0]
+    for i, op in enumerate(chain[1:]):
+        if op.type in _ACTIVATIONS:
+            # INC's "...AndRelu..." kernels also take Relu6 (the requantize range clips at 6)
+            if f"And{op.type}" in fused_type or ("AndRelu" in fused_type and op.type == "Relu6"):
+                end = op
+            break
+        if (op.type == "Mul" and i == 0 and folded_mul) or (op.type != "Mul" and "Bias" in fused_type):
+            end = op
+        else:
+            break
+    return end.name
 
 
 def _producer(graph, node: str, compute: set[str]) -> str | None:
@@ -80,8 +120,10 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
         tf.compat.v1.import_graph_def(graph_def, name="")
     q_graph = candidate._sess.graph
     q_ops = {op.name: op for op in q_graph.get_operations()}
+    fp32_dynamic, q_dynamic = _dynamic(fp32_graph), _dynamic(q_graph)
+    fp32_names = getattr(prepared, "fp32_nodes", None) or {}
     layers, fp32_fetch, q_fetch = [], {}, {}
-    for name in prepared.compute_nodes:
+    for name in prepared.compute_nodes:  # INC's names (what op_name_dict fallback accepts)
         fused = [op for n, op in q_ops.items() if n.startswith(name + "_eightbit") and "Quantized" in op.type
                  and "Quantize" != op.type and op.type != "QuantizeV2"]
         if not fused:
@@ -90,9 +132,24 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
         rng = _range_inputs(op)
         if rng is None:
             continue
-        fp_node = fp32_graph.get_operation_by_name(name)
-        fp32_fetch[name] = (fp_node.inputs[0], fp32_graph.get_operation_by_name(_fused_end(fp32_graph, name, op.type)).outputs[0])
-        out = (op.outputs[0],) + ((op.outputs[1], op.outputs[2]) if len(op.outputs) >= 3 else ())
+        fp_node = fp32_graph.get_operation_by_name(fp32_names.get(name, name))
+        fp_chain = _elementwise_chain(fp_node, fp32_dynamic)
+        # Where INC's kernel hands a float tensor back (Dequantize, then the FP32 BN offset /
+        # activation it did not fuse), compare at the last op both graphs share by name: the
+        # Dequantize of a depthwise conv is named after the conv although the BN scale is
+        # folded into its weights. Else dequantize the fused op's own (q)uint8 output.
+        q_chain = {o.name: o for o in _elementwise_chain(op, q_dynamic, _DEQUANTIZE)[1:]
+                   if o.type not in ("Requantize", "RequantizePerChannel")}
+        common = [o.name for o in fp_chain if o.name in q_chain]
+        if common:
+            fp_end, out = common[-1], (q_chain[common[-1]].outputs[0],)
+        elif op.outputs[0].dtype in (tf.quint8, tf.qint8) and len(op.outputs) >= 3:
+            fp_end, out = _fused_end(fp_chain, op.type, name != fp_node.name), tuple(op.outputs[:3])
+        elif op.outputs[0].dtype.is_floating:
+            fp_end, out = _fused_end(fp_chain, op.type, name != fp_node.name), (op.outputs[0],)
+        else:  # a qint32 accumulator with per-channel ranges we would have to re-derive
+            continue
+        fp32_fetch[name] = (fp_node.inputs[0], fp32_graph.get_operation_by_name(fp_end).outputs[0])
         q_fetch[name] = ((op.inputs[0], op.inputs[rng[0]], op.inputs[rng[1]]), out)
         layers.append((name, fp_node.type))
 
@@ -118,7 +175,7 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
     compute = set(prepared.compute_nodes)
     groups = {}
     for name, _ in layers:
-        up = _producer(fp32_graph, name, compute)
+        up = _producer(fp32_graph, fp32_names.get(name, name), compute)
         groups[name] = [name] + ([up] if up else [])
     try:
         return diagnosis.compare(layers, fp32, quant, batches, groups)
