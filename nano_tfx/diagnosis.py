@@ -148,12 +148,20 @@ def rank(rows: Iterable[dict]) -> list[dict]:
                                        -(r.get("added_mse") or 0.0), -(r.get("drop_db") or 0.0)))
 
 
-def rank_by_harm(rows: Iterable[dict]) -> list[dict]:
+def rank_by_harm(rows: Iterable[dict], min_gain: float = 0.0) -> list[dict]:
     """Layers whose FP32 fallback measurably raised the metric first (largest ``metric_gain``,
-    NNCF's criterion), then the rest in error order (``rank``)."""
+    NNCF's criterion), then the rest in error order (``rank``).
+
+    ``min_gain``: a gain at or below it is evaluation noise (the tuner passes twice the drop the
+    criterion allows), so it does not lift a layer above the error ranking."""
     rows = list(rows)
-    helped = sorted((r for r in rows if (r.get("metric_gain") or 0.0) > 0), key=lambda r: -r["metric_gain"])
-    return helped + rank(r for r in rows if not (r.get("metric_gain") or 0.0) > 0)
+    floor = max(float(min_gain), 0.0)
+
+    def harmful(r: dict) -> bool:
+        return (r.get("metric_gain") or 0.0) > floor
+
+    helped = sorted((r for r in rows if harmful(r)), key=lambda r: -r["metric_gain"])
+    return helped + rank(r for r in rows if not harmful(r))
 
 
 class Batches(CalibrationData):

@@ -267,7 +267,12 @@ def _credit_gains(state: _State, report: Report, gains: dict[str, float]) -> Non
     for row in mine:
         if row["name"] in gains:
             row["metric_gain"] = round(gains[row["name"]], 6)
-    ranked = iter(rank_by_harm(mine))
+    job = state.job
+    noise = 0.0
+    if job.criterion is not None and job.baseline is not None:
+        # a gain within twice the drop the criterion tolerates is not evidence of harm
+        noise = 2.0 * abs(job.baseline - job.criterion.bound(job.baseline))
+    ranked = iter(rank_by_harm(mine, noise))
     report.layers[:] = [next(ranked) if r.get("backend") == backend else r for r in report.layers]
 
 
