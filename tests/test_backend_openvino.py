@@ -155,6 +155,7 @@ def test_int8_default_accuracy(k3, k3_int8, digits):
     assert (cand.backend, cand.precision) == ("openvino", "int8")
     assert cand.details["fake_quantize"] > 0 and cand.details["quantized_weights"] == 4
     assert cand.details["calibration_batches"] == 10  # 100 samples / batch 10
+    assert cand.details["activation_range"] == "mean_minmax"  # NNCF's default: 10 images per item
     int8_acc = accuracy(cand.run, digits[2], digits[3])
     assert int8_acc >= fp32_acc * 0.99, (int8_acc, fp32_acc)
 
@@ -310,6 +311,29 @@ def test_unsupported_precision_and_approach(k3):
         backend.search_space(prepared, "int4", "static")
     with pytest.raises(ValueError, match="calibration"):
         backend.quantize(prepared, "int8", TrialConfig.make(), None)
+    with pytest.raises(ValueError, match="activation_range"):
+        backend.quantize(prepared, "int8", TrialConfig.make({"activation_range": "p99"}), DigitsCalibration(np.zeros((10, 8, 8, 1), np.float32)))
+
+
+def _mlp(features: int, hidden: int):
+    """(batch, features) -> MatMul(features x hidden) -> ReLU -> MatMul(hidden x 3), an ov.Model."""
+    import openvino.runtime.opset13 as ops
+
+    x = ops.parameter([-1, features], np.float32, name="x")
+    h = ops.relu(ops.matmul(x, ops.constant(np.ones((features, hidden), np.float32)), False, False))
+    return ov.Model([ops.matmul(h, ops.constant(np.ones((hidden, 3), np.float32)), False, False)], [x])
+
+
+def test_activation_range_global_for_few_values_per_item():
+    """NNCF's default per-tensor range (mean over items of each item's min/max) degenerates when
+    an item holds few values: the penguin MLP's scalar features calibrated one sample per item
+    were clipped at ~1 sd and flipped an eval class. Few values -> global min/max."""
+    from nano_tfx.backends.openvino.backend import _activation_range
+
+    assert _activation_range(_mlp(4, 16), batch=1) == "minmax"  # penguin: 4 features, batch 1
+    assert _activation_range(_mlp(4, 16), batch=4) == "minmax"  # 16 feature values per item
+    assert _activation_range(_mlp(4, 16), batch=8) == "mean_minmax"  # 32
+    assert _activation_range(_mlp(64, 128), batch=1) == "mean_minmax"  # digits-sized inputs
 
 
 def test_options_reach_compile(k3):
