@@ -243,12 +243,17 @@ def test_auto_picks_the_fastest_backend_and_writes_its_layout(fp32, tmp_path):
 
 
 def test_model_without_quantizable_signature_is_rejected(fp32, tmp_path):
+    # Only serving_default and no Keras call to derive the signature from (a stock tf_keras
+    # Trainer model keeps its call: tests/test_quantizer_derive.py).
     loaded = tf.saved_model.load(_fp32_path(fp32))
     plain = str(tmp_path / "plain_model")
-    tf.saved_model.save(loaded, os.path.join(plain, "Format-Serving"),
+    module = tf.Module()
+    module.fp32 = loaded
+    tf.saved_model.save(module, os.path.join(plain, "Format-Serving"),
                         signatures={"serving_default": loaded.signatures["serving_default"]})
     model = _artifact(standard_artifacts.Model, plain)
-    with pytest.raises(ValueError, match=r"(?s)no signature .from_transformed_features.*quantizable_signatures"):
+    with pytest.raises(ValueError, match=r"(?s)no signature .from_transformed_features.*quantizable_signatures"
+                                         r".*cannot be derived.*no restorable Keras call"):
         run_executor(fp32, str(tmp_path / "out"), inputs=dict(fp32, model=model))
 
 

@@ -142,3 +142,107 @@ def quantizable_signatures(
         SERVING_SIGNATURE: serve_tf_examples_fn.get_concrete_function(),
         FROM_TRANSFORMED_FEATURES: from_transformed_features_fn.get_concrete_function(),
     }
+
+
+# -- deriving the signature from a stock Trainer model -------------------------------------------
+def _keras_call(loaded: Any) -> Any:
+    """The restored Keras model's inference call over a dict of tensors (training=False), or None.
+
+    tf_keras models keep their ``__call__`` in a SavedModel (one concrete function per training
+    value); Keras 3 models saved with ``tf.saved_model.save`` keep only the signatures."""
+    call = getattr(loaded, "__call__", None)
+    for fn in getattr(call, "concrete_functions", None) or []:
+        args, kwargs = fn.structured_input_signature
+        if not args or not _input_names(args[0]):
+            continue
+        training = kwargs.get("training", args[1] if len(args) > 1 else None)
+        if training is False or (training is None and len(args) == 1):
+            return fn
+    return None
+
+
+def _input_names(structure: Any) -> list[str]:
+    """Feature names of a call's inputs: a dict of tensors, or a list of named TensorSpecs
+    (a functional model built from a list of named ``Input``s); [] when neither."""
+    import tensorflow as tf
+
+    if isinstance(structure, Mapping):
+        return list(structure) if all(isinstance(v, tf.TensorSpec) for v in structure.values()) else []
+    if isinstance(structure, (list, tuple)) and structure and all(
+            isinstance(v, tf.TensorSpec) and v.name for v in structure):
+        return [v.name for v in structure]
+    return []
+
+
+def _derivation_problem(loaded: Any, tf_transform_output: Any) -> tuple[Any, list[str], str]:
+    """(call, feature keys, '') when the model's own call can be exposed, else (None, [], why)."""
+    import tensorflow as tf
+
+    if SERVING_SIGNATURE not in loaded.signatures:
+        return None, [], f"it has no {SERVING_SIGNATURE!r} signature either"
+    call = _keras_call(loaded)
+    if call is None:
+        return None, [], ("it has no restorable Keras call over a dict of transformed features (a Keras 3 "
+                          "model saved with tf.saved_model.save keeps only its signatures)")
+    keys = sorted(_input_names(call.structured_input_signature[0][0]))
+    spec = tf_transform_output.transformed_feature_spec()
+    missing = [k for k in keys if k not in spec]
+    if missing:
+        return None, [], f"the model's inputs {missing} are not transformed features ({sorted(spec)})"
+    sparse = [k for k in keys if not isinstance(spec[k], tf.io.FixedLenFeature)]
+    if sparse:
+        return None, [], f"the model's inputs {sparse} are not dense (FixedLenFeature) transformed features"
+    return call, keys, ""
+
+
+def derive_from_transformed_features(model_path: str, tf_transform_output: Any, out_dir: str) -> str:
+    """A SavedModel at ``out_dir`` with the Trainer model's ``serving_default`` (unchanged) and a
+    ``from_transformed_features`` signature taken from the model's own Keras call.
+
+    For a stock TFX ``run_fn`` (e.g. TFX's penguin / Chicago taxi Keras modules), which exports
+    only ``serving_default`` (raw tf.Examples) and ``transform_features``. Outputs are named like
+    ``serving_default``'s when both have one output (``outputs`` in TFX's examples), else as
+    :func:`quantizable_signatures` names them. Raises ``ValueError``
+    (:func:`missing_signature_message` + why) when the model's call cannot be recovered.
+    """
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(model_path)
+    call, keys, why = _derivation_problem(loaded, tf_transform_output)
+    if call is None:
+        raise ValueError(missing_signature_message(model_path, FROM_TRANSFORMED_FEATURES, list(loaded.signatures))
+                         + f"\nIt cannot be derived from the model: {why}.")
+    serving = loaded.signatures[SERVING_SIGNATURE]
+    serving_outputs = list(serving.structured_outputs) if isinstance(serving.structured_outputs, Mapping) else []
+    call_args, call_kwargs = call.structured_input_signature
+    model_inputs = call_args[0]
+    model_specs = dict(zip(_input_names(model_inputs), tf.nest.flatten(model_inputs)))
+    xf_spec = tf_transform_output.transformed_feature_spec()
+    specs = [tf.TensorSpec([None] + list(xf_spec[k].shape), xf_spec[k].dtype, name=k) for k in keys]
+
+    def to_model_shape(key: str, tensor: Any) -> Any:
+        # TFT features are often [batch] while the Keras Input is (batch, 1): same values.
+        want = model_specs[key].shape
+        if want.rank is not None and tensor.shape.rank != want.rank and want[1:].is_fully_defined():
+            return tf.reshape(tensor, [-1] + want[1:].as_list())
+        return tensor
+
+    module = tf.Module()
+    module.fp32 = loaded  # variables, tf.Transform assets and tables stay tracked
+
+    @tf.function(input_signature=specs)
+    def from_transformed_features_fn(*tensors):
+        features = {k: to_model_shape(k, t) for k, t in zip(keys, tensors)}
+        # The structure the call was traced with: a dict, or the list in the model's input order.
+        inputs = features if isinstance(model_inputs, Mapping) else [features[n] for n in model_specs]
+        outputs = call(inputs, *call_args[1:], **call_kwargs)  # training=False (, mask=None) as traced
+        flat = tf.nest.flatten(outputs)
+        if len(flat) == 1 and len(serving_outputs) == 1:
+            return {serving_outputs[0]: flat[0]}
+        return _as_output_dict(outputs)
+
+    tf.saved_model.save(module, out_dir, signatures={
+        SERVING_SIGNATURE: serving,
+        FROM_TRANSFORMED_FEATURES: from_transformed_features_fn.get_concrete_function(),
+    })
+    return out_dir
