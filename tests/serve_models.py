@@ -161,7 +161,7 @@ def build_fp32(root: str, examples: list[bytes], preprocessing_fn: Callable, mak
     xf = tft.TFTransformOutput(transform_dir).transform_features_layer()(
         {k: tf.constant(v) for k, v in parsed.items()})
     model = make_model()
-    x = {n: xf[n] for n in model.input_names}
+    x = {n: xf[n] for n in (getattr(model, "input_names", None) or [t.name for t in model.inputs])}
     model.fit(x, xf[transformed_label_key], epochs=epochs, batch_size=32, verbose=0)
     model_dir = save(model, transform_dir, label_key, os.path.join(root, "fp32"))
     logger.info("FP32 model trained and saved in %.1fs", time.time() - started)

@@ -1,10 +1,13 @@
 """The Quantizer on a Trainer model saved as TFX's stock Keras run_fn saves it (a pipeline nobody
 tuned to): only ``serving_default`` (raw tf.Examples) + ``transform_features``, no
 ``from_transformed_features``. The executor derives that signature from the model's own Keras
-call, quantizes it, and the pushed layout answers raw examples like the FP32 model.
+call (tf_keras) or cuts it out of ``serving_default``'s graph (Keras 3, what TFX's stock
+``tf.keras`` modules build here), quantizes it, and the pushed layout answers raw examples like
+the FP32 model.
 
-Cheap artifacts, no orchestrator: the penguin Transform (tft_beam) + a tf_keras model trained
-in-process, transformed train/eval splits written as the Transform component writes them.
+Cheap artifacts, no orchestrator: the penguin Transform (tft_beam), TFX's own penguin Keras model
+(Keras 3) or ours (tf_keras) trained in-process, transformed train/eval splits written as the
+Transform component writes them. openvino is the slow extra (onnxruntime runs by default).
 """
 from __future__ import annotations
 
@@ -45,10 +48,21 @@ def _write_transformed_split(transform_dir: str, raw: list[bytes], split_dir: st
             w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
 
 
-@pytest.fixture(scope="module")
-def stock(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("stock"))
-    fp32_dir, transform_dir = serve_models.penguin_models(root, epochs=20, save=serve_models.save_stock_trainer_model)
+def _stock_keras3_model():
+    """TFX's own penguin Keras module's model (``tf.keras`` = Keras 3 here), its default hparams."""
+    from tfx.examples.penguin import penguin_utils_keras
+
+    return penguin_utils_keras._make_keras_model(penguin_utils_keras._get_hyperparameters())
+
+
+@pytest.fixture(scope="module", params=["keras3", "tf_keras"])
+def stock(request, tmp_path_factory):
+    """Keras 3 (the stock modules here): no restorable call, cut out of serving_default's graph;
+    tf_keras: the restored Keras call."""
+    root = str(tmp_path_factory.mktemp(f"stock_{request.param}"))
+    make_model = _stock_keras3_model if request.param == "keras3" else None
+    fp32_dir, transform_dir = serve_models.penguin_models(root, epochs=15, make_model=make_model,
+                                                          save=serve_models.save_stock_trainer_model)
     examples = _artifact(standard_artifacts.Examples, os.path.join(root, "transformed_examples"))
     examples.split_names = artifact_utils.encode_split_names(["train", "eval"])
     for split in ("train", "eval"):
@@ -57,7 +71,7 @@ def stock(tmp_path_factory):
     model = _artifact(standard_artifacts.Model, os.path.join(root, "model"))
     os.makedirs(model.uri)
     os.symlink(fp32_dir, os.path.join(model.uri, "Format-Serving"))
-    return {"model": model, "examples": examples,
+    return {"flavor": request.param, "model": model, "examples": examples,
             "transform_graph": _artifact(standard_artifacts.TransformGraph, transform_dir)}
 
 
@@ -66,11 +80,12 @@ def test_stock_trainer_model_has_no_quantizable_signature(stock):
     assert set(sigs) == {"serving_default", "transform_features"}
 
 
-@pytest.mark.parametrize("accelerator", ["onnxruntime"])
+@pytest.mark.parametrize("accelerator", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.slow)])
 def test_quantizer_derives_the_signature_and_serves_raw_examples(stock, tmp_path, accelerator):
+    inputs = {k: v for k, v in stock.items() if k != "flavor"}
     outputs, report = run_executor(
-        stock, str(tmp_path), inputs=stock, accelerator=accelerator, metric="sparse_categorical_accuracy",
-        label_key="species_xf", max_trials=2, min_speedup=0,
+        inputs, str(tmp_path), inputs=inputs, accelerator=accelerator, metric="sparse_categorical_accuracy",
+        label_key="species_xf", max_trials=4, min_speedup=0,
         accuracy_criterion=json.dumps({"absolute": 0.03, "higher_is_better": True}))
     assert outputs["blessing"].get_int_custom_property("blessed") == 1, report["tfx"]["blessing_message"]
     assert any("derived it from the model's own Keras call" in n for n in report["tfx"]["notes"])

@@ -12,6 +12,9 @@ in front of the quantized model afterwards. A Trainer ``run_fn`` therefore saves
 * ``from_transformed_features``: the dense transformed features, one named input per feature
   the model consumes -> model (what the Quantizer quantizes).
 
+A stock TFX ``run_fn`` saves only ``serving_default`` (+ ``transform_features``): the Quantizer
+then derives ``from_transformed_features`` (:func:`derive_from_transformed_features`).
+
 The second one is deliberately *not* called ``transformed_features``: TFMA reserves that name
 for a raw-examples -> transformed-features preprocessing signature and the Evaluator calls it
 with serialized examples.
@@ -195,9 +198,34 @@ def _derivation_problem(loaded: Any, tf_transform_output: Any) -> tuple[Any, lis
     return call, keys, ""
 
 
+def _keras_model_fn(call: Any, keys: list[str]) -> Any:
+    """fn(*tensors in ``keys`` order) -> the restored Keras call's outputs (training=False)."""
+    import tensorflow as tf
+
+    call_args, call_kwargs = call.structured_input_signature
+    model_inputs = call_args[0]
+    model_specs = dict(zip(_input_names(model_inputs), tf.nest.flatten(model_inputs)))
+
+    def to_model_shape(key: str, tensor: Any) -> Any:
+        # TFT features are often [batch] while the Keras Input is (batch, 1): same values.
+        want = model_specs[key].shape
+        if want.rank is not None and tensor.shape.rank != want.rank and want[1:].is_fully_defined():
+            return tf.reshape(tensor, [-1] + want[1:].as_list())
+        return tensor
+
+    def model_fn(*tensors):
+        features = {k: to_model_shape(k, t) for k, t in zip(keys, tensors)}
+        # The structure the call was traced with: a dict, or the list in the model's input order.
+        inputs = features if isinstance(model_inputs, Mapping) else [features[n] for n in model_specs]
+        return call(inputs, *call_args[1:], **call_kwargs)  # training=False (, mask=None) as traced
+
+    return model_fn
+
+
 def derive_from_transformed_features(model_path: str, tf_transform_output: Any, out_dir: str) -> str:
     """A SavedModel at ``out_dir`` with the Trainer model's ``serving_default`` (unchanged) and a
-    ``from_transformed_features`` signature taken from the model's own Keras call.
+    ``from_transformed_features`` signature: the model's own restored Keras call (tf_keras), else
+    the model part cut out of ``serving_default``'s graph after the tf.Transform call (Keras 3).
 
     For a stock TFX ``run_fn`` (e.g. TFX's penguin / Chicago taxi Keras modules), which exports
     only ``serving_default`` (raw tf.Examples) and ``transform_features``. Outputs are named like
@@ -209,33 +237,26 @@ def derive_from_transformed_features(model_path: str, tf_transform_output: Any, 
 
     loaded = tf.saved_model.load(model_path)
     call, keys, why = _derivation_problem(loaded, tf_transform_output)
-    if call is None:
+    model_fn = None
+    xf_spec = tf_transform_output.transformed_feature_spec()
+    if call is not None:
+        model_fn = _keras_model_fn(call, keys)
+    elif SERVING_SIGNATURE in loaded.signatures:
+        model_fn, keys, why_not = _graph_call(loaded, tf_transform_output)
+        why = f"{why}, and {why_not}" if model_fn is None else why
+    if call is None and model_fn is None:
         raise ValueError(missing_signature_message(model_path, FROM_TRANSFORMED_FEATURES, list(loaded.signatures))
                          + f"\nIt cannot be derived from the model: {why}.")
     serving = loaded.signatures[SERVING_SIGNATURE]
     serving_outputs = list(serving.structured_outputs) if isinstance(serving.structured_outputs, Mapping) else []
-    call_args, call_kwargs = call.structured_input_signature
-    model_inputs = call_args[0]
-    model_specs = dict(zip(_input_names(model_inputs), tf.nest.flatten(model_inputs)))
-    xf_spec = tf_transform_output.transformed_feature_spec()
     specs = [tf.TensorSpec([None] + list(xf_spec[k].shape), xf_spec[k].dtype, name=k) for k in keys]
-
-    def to_model_shape(key: str, tensor: Any) -> Any:
-        # TFT features are often [batch] while the Keras Input is (batch, 1): same values.
-        want = model_specs[key].shape
-        if want.rank is not None and tensor.shape.rank != want.rank and want[1:].is_fully_defined():
-            return tf.reshape(tensor, [-1] + want[1:].as_list())
-        return tensor
 
     module = tf.Module()
     module.fp32 = loaded  # variables, tf.Transform assets and tables stay tracked
 
     @tf.function(input_signature=specs)
     def from_transformed_features_fn(*tensors):
-        features = {k: to_model_shape(k, t) for k, t in zip(keys, tensors)}
-        # The structure the call was traced with: a dict, or the list in the model's input order.
-        inputs = features if isinstance(model_inputs, Mapping) else [features[n] for n in model_specs]
-        outputs = call(inputs, *call_args[1:], **call_kwargs)  # training=False (, mask=None) as traced
+        outputs = model_fn(*tensors)
         flat = tf.nest.flatten(outputs)
         if len(flat) == 1 and len(serving_outputs) == 1:
             return {serving_outputs[0]: flat[0]}
@@ -246,3 +267,71 @@ def derive_from_transformed_features(model_path: str, tf_transform_output: Any, 
         FROM_TRANSFORMED_FEATURES: from_transformed_features_fn.get_concrete_function(),
     })
     return out_dir
+
+
+_CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
+
+
+def _graph_call(loaded: Any, tf_transform_output: Any) -> tuple[Any, list[str], str]:
+    """The model part of ``serving_default`` cut out of its graph, for models whose Keras call is
+    not restorable (Keras 3 saved with ``tf.saved_model.save`` inlines its layers in the serving
+    function): the serving function's body is re-imported with the tf.Transform call's outputs
+    replaced by inputs, then pruned to them. Returns (fn(*tensors) -> outputs, keys, why-not)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.function_def_to_graph import function_def_to_graph
+
+    serving = loaded.signatures[SERVING_SIGNATURE]
+    calls = [op for op in serving.graph.get_operations() if op.type in _CALL_OPS]
+    if len(calls) != 1:
+        return None, [], "its serving_default is not one traced function"
+    library = {f.signature.name: f for f in serving.graph.as_graph_def().library.function}
+    body_def = library[calls[0].get_attr("f").name]
+    spec = tf_transform_output.transformed_feature_spec()
+    names = sorted(spec)
+    if not all(isinstance(spec[k], tf.io.FixedLenFeature) for k in names):
+        return None, [], "not all transformed features are dense (FixedLenFeature)"
+    want_types = [spec[k].dtype.as_datatype_enum for k in names]
+    # The tf.Transform layer's call: its outputs are the transformed features, flattened in
+    # sorted-key order (tf.nest), so their count and dtypes match the transformed feature spec.
+    tft_nodes = [n.name for n in body_def.node_def if n.op in _CALL_OPS
+                 and [a.type for a in library[n.attr["f"].func.name].signature.output_arg] == want_types]
+    if len(tft_nodes) != 1:
+        return None, [], "no single tf.Transform call with the transformed features' outputs in serving_default"
+    body = function_def_to_graph(body_def)
+    tft_op = body.get_operation_by_name(tft_nodes[0])
+    used = sorted({i for i, t in enumerate(tft_op.outputs) if t.consumers()})
+    keys = [names[i] for i in used]
+    outer_inputs = list(calls[0].inputs)
+    internal_to_external = {id(internal): external for external, internal in serving.graph.captures}
+    resources = {body.inputs[i].name: internal_to_external.get(id(outer_inputs[i]))
+                 for i in range(1, len(body.inputs))}
+    if any(v is None for v in resources.values()) or len(body.inputs) != len(outer_inputs):
+        return None, [], "serving_default's captured inputs cannot be matched to the model's variables"
+    body_graph_def = body.as_graph_def()
+    output_names = [t.name for t in body.outputs]
+    specs = [tf.TensorSpec([None] + list(spec[k].shape), spec[k].dtype, name=k) for k in keys]
+
+    def cut(*features):
+        input_map = {tft_op.outputs[i].name: f for i, f in zip(used, features)}
+        graph = tf.compat.v1.get_default_graph()  # the wrap_function graph: capture the handles
+        input_map.update({name: graph.capture(handle) for name, handle in resources.items()})
+        input_map[body.inputs[0].name] = tf.constant([], tf.string)  # the examples: pruned away
+        return tf.graph_util.import_graph_def(body_graph_def, input_map=input_map,
+                                              return_elements=output_names, name="model")
+
+    holders = []
+
+    def feeds_and_fetches():
+        holders[:] = [tf.compat.v1.placeholder(s.dtype, s.shape, name=s.name) for s in specs]
+        return cut(*holders)
+
+    wrapped = tf.compat.v1.wrap_function(feeds_and_fetches, [])
+    pruned = wrapped.prune([wrapped.graph.get_tensor_by_name(h.name) for h in holders],
+                           [wrapped.graph.get_tensor_by_name(o.name) for o in wrapped.outputs])
+    structure = serving.structured_outputs
+
+    def model_fn(*tensors):
+        flat = pruned(*tensors)
+        return tf.nest.pack_sequence_as(structure, flat)
+
+    return model_fn, keys, ""
