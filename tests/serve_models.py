@@ -133,8 +133,34 @@ def save_trainer_model(model, transform_dir: str, label_key: Optional[str], mode
     return model_dir
 
 
+def save_stock_trainer_model(model, transform_dir: str, label_key: Optional[str], model_dir: str) -> str:
+    """Save as TFX's stock Keras ``run_fn`` does (``taxi_utils_native_keras``): ``serving_default``
+    (raw tf.Examples -> TFT layer -> model, output ``outputs``) + ``transform_features`` only."""
+    import tensorflow_transform as tft
+
+    tft_output = tft.TFTransformOutput(transform_dir)
+    model.tft_layer_inference = tft_output.transform_features_layer()
+    model.tft_layer_eval = tft_output.transform_features_layer()
+    raw_spec = tft_output.raw_feature_spec()
+    serving_spec = {k: v for k, v in raw_spec.items() if k != label_key}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve_tf_examples_fn(serialized):
+        transformed = model.tft_layer_inference(tf.io.parse_example(serialized, serving_spec))
+        return {"outputs": model(transformed)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def transform_features_fn(serialized):
+        return model.tft_layer_eval(tf.io.parse_example(serialized, raw_spec))
+
+    tf.saved_model.save(model, model_dir, signatures={"serving_default": serve_tf_examples_fn,
+                                                      "transform_features": transform_features_fn})
+    return model_dir
+
+
 def build_fp32(root: str, examples: list[bytes], preprocessing_fn: Callable, make_model: Callable,
-               label_key: str, transformed_label_key: str, epochs: int = 8) -> tuple[str, str]:
+               label_key: str, transformed_label_key: str, epochs: int = 8,
+               save: Callable = save_trainer_model) -> tuple[str, str]:
     """(Trainer-style FP32 SavedModel dir, transform_graph dir) trained on ``examples``."""
     import tensorflow_transform as tft
     import tf_keras as keras
@@ -148,9 +174,9 @@ def build_fp32(root: str, examples: list[bytes], preprocessing_fn: Callable, mak
     xf = tft.TFTransformOutput(transform_dir).transform_features_layer()(
         {k: tf.constant(v) for k, v in parsed.items()})
     model = make_model()
-    x = {n: xf[n] for n in model.input_names}
+    x = {n: xf[n] for n in (getattr(model, "input_names", None) or [t.name for t in model.inputs])}
     model.fit(x, xf[transformed_label_key], epochs=epochs, batch_size=32, verbose=0)
-    model_dir = save_trainer_model(model, transform_dir, label_key, os.path.join(root, "fp32"))
+    model_dir = save(model, transform_dir, label_key, os.path.join(root, "fp32"))
     logger.info("FP32 model trained and saved in %.1fs", time.time() - started)
     return model_dir, transform_dir
 
@@ -200,12 +226,14 @@ def digits_models(root: str, epochs: int = 6) -> tuple[str, str]:
                       LABEL_XF, epochs)
 
 
-def penguin_models(root: str, epochs: int = 80) -> tuple[str, str]:
+def penguin_models(root: str, epochs: int = 80, make_model: Optional[Callable] = None,
+                   save: Callable = save_trainer_model) -> tuple[str, str]:
     from pipelines.penguin import penguin_utils
 
     examples, _ = penguin_examples("train")
-    return build_fp32(root, examples, penguin_utils.preprocessing_fn, penguin_utils.make_model,
-                      penguin_utils.LABEL_KEY, penguin_utils.transformed_name(penguin_utils.LABEL_KEY), epochs)
+    return build_fp32(root, examples, penguin_utils.preprocessing_fn, make_model or penguin_utils.make_model,
+                      penguin_utils.LABEL_KEY, penguin_utils.transformed_name(penguin_utils.LABEL_KEY), epochs,
+                      save)
 
 
 # -- Chicago taxi: TFX's own example module, untouched (a pipeline nobody tuned to) -----------------

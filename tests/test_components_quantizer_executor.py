@@ -243,12 +243,18 @@ def test_auto_picks_the_fastest_backend_and_writes_its_layout(fp32, tmp_path):
 
 
 def test_model_without_quantizable_signature_is_rejected(fp32, tmp_path):
-    loaded = tf.saved_model.load(_fp32_path(fp32))
+    # Only a serving_default with neither a Keras call nor a tf.Transform call to derive the
+    # signature from (stock Trainer models are derived: tests/test_quantizer_derive.py).
     plain = str(tmp_path / "plain_model")
-    tf.saved_model.save(loaded, os.path.join(plain, "Format-Serving"),
-                        signatures={"serving_default": loaded.signatures["serving_default"]})
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve(examples):
+        return {"outputs": tf.zeros([tf.shape(examples)[0], 3])}
+
+    tf.saved_model.save(tf.Module(), os.path.join(plain, "Format-Serving"), signatures={"serving_default": serve})
     model = _artifact(standard_artifacts.Model, plain)
-    with pytest.raises(ValueError, match=r"(?s)no signature .from_transformed_features.*quantizable_signatures"):
+    with pytest.raises(ValueError, match=r"(?s)no signature .from_transformed_features.*quantizable_signatures"
+                                         r".*cannot be derived.*no restorable Keras call"):
         run_executor(fp32, str(tmp_path / "out"), inputs=dict(fp32, model=model))
 
 

@@ -41,7 +41,9 @@ from components.quantizer.data import (
 from components.quantizer.eval_result import (
     EvaluatorInfo, guess_higher_is_better, keras_metric_from_config, read_evaluation,
 )
-from components.quantizer.signatures import missing_signature_message
+from components.quantizer.signatures import (
+    FROM_TRANSFORMED_FEATURES, derive_from_transformed_features, missing_signature_message,
+)
 from components.quantizer.validation import (
     DEFAULT_ACCURACY_CRITERION, DEFAULT_MIN_SPEEDUP, validate_accuracy_criterion,
 )
@@ -67,6 +69,12 @@ def _signature_io(model_path: str, signature_name: str) -> tuple[list[str], list
         raise ValueError(missing_signature_message(model_path, signature_name, list(meta.signature_def)))
     sig = meta.signature_def[signature_name]
     return sorted(sig.inputs), sorted(sig.outputs)
+
+
+def _has_signature(model_path: str, signature_name: str) -> bool:
+    from tensorflow.python.tools import saved_model_utils
+
+    return signature_name in saved_model_utils.get_meta_graph_def(model_path, "serve").signature_def
 
 
 def _file_digest(paths: List[str]) -> str:
@@ -102,7 +110,20 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         accelerator = exec_properties.get("accelerator") or None
         precision = exec_properties.get("precision") or "int8"
         model_path = path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model))
-        input_names, _ = _signature_io(model_path, signature_name)
+        # A stock Trainer run_fn exports only serving_default: derive the default signature from
+        # the model's own Keras call (quantized from a tmp copy; the FP32 model stays the original).
+        quantize_from, derived_note = model_path, None
+        if (signature_name == FROM_TRANSFORMED_FEATURES and transform_graph is not None
+                and not _has_signature(model_path, signature_name)):
+            import tensorflow_transform as tft
+
+            quantize_from = derive_from_transformed_features(
+                model_path, tft.TFTransformOutput(transform_graph.uri),
+                os.path.join(self._get_tmp_dir(), "derived_model"))
+            derived_note = (f"the Trainer model has no {signature_name!r} signature: derived it from the "
+                            f"model's own Keras call ({quantize_from}); the FP32 model is unchanged")
+            logging.info("Quantizer: %s", derived_note)
+        input_names, _ = _signature_io(quantize_from, signature_name)
 
         tfx_info: dict = {
             "fp32_model": model_path,
@@ -111,8 +132,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             "accelerator": accelerator,
             "precision": precision,
             "beam_runner": str(runner_name(self._beam_pipeline_args)),
-            "notes": [],
+            "notes": [derived_note] if derived_note else [],
         }
+        if derived_note:
+            tfx_info["derived_signature_model"] = quantize_from
         blessing.set_string_custom_property("fp32_model", model.uri)
         blessing.set_int_custom_property("fp32_model_id", model.id)
         out_model.set_int_custom_property("fp32_model_id", model.id)
@@ -193,7 +216,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         # The part to quantize as its own SavedModel (serving_default = the signature), so every
         # backend quantizes exactly it, whatever SavedModel route it takes.
         quantizable = export_signature_as_default(
-            model_path, signature_name, os.path.join(tmp_dir, "quantizable_model"))
+            quantize_from, signature_name, os.path.join(tmp_dir, "quantizable_model"))
         fp32_fingerprint = fingerprint(model_path)
         tfx_info["fp32_fingerprint"] = fp32_fingerprint
         request_key = self._request_key(

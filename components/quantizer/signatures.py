@@ -12,6 +12,9 @@ in front of the quantized model afterwards. A Trainer ``run_fn`` therefore saves
 * ``from_transformed_features``: the dense transformed features, one named input per feature
   the model consumes -> model (what the Quantizer quantizes).
 
+A stock TFX ``run_fn`` saves only ``serving_default`` (+ ``transform_features``): the Quantizer
+then derives ``from_transformed_features`` (:func:`derive_from_transformed_features`).
+
 The second one is deliberately *not* called ``transformed_features``: TFMA reserves that name
 for a raw-examples -> transformed-features preprocessing signature and the Evaluator calls it
 with serialized examples.
@@ -142,3 +145,193 @@ def quantizable_signatures(
         SERVING_SIGNATURE: serve_tf_examples_fn.get_concrete_function(),
         FROM_TRANSFORMED_FEATURES: from_transformed_features_fn.get_concrete_function(),
     }
+
+
+# -- deriving the signature from a stock Trainer model -------------------------------------------
+def _keras_call(loaded: Any) -> Any:
+    """The restored Keras model's inference call over a dict of tensors (training=False), or None.
+
+    tf_keras models keep their ``__call__`` in a SavedModel (one concrete function per training
+    value); Keras 3 models saved with ``tf.saved_model.save`` keep only the signatures."""
+    call = getattr(loaded, "__call__", None)
+    for fn in getattr(call, "concrete_functions", None) or []:
+        args, kwargs = fn.structured_input_signature
+        if not args or not _input_names(args[0]):
+            continue
+        training = kwargs.get("training", args[1] if len(args) > 1 else None)
+        if training is False or (training is None and len(args) == 1):
+            return fn
+    return None
+
+
+def _input_names(structure: Any) -> list[str]:
+    """Feature names of a call's inputs: a dict of tensors, or a list of named TensorSpecs
+    (a functional model built from a list of named ``Input``s); [] when neither."""
+    import tensorflow as tf
+
+    if isinstance(structure, Mapping):
+        return list(structure) if all(isinstance(v, tf.TensorSpec) for v in structure.values()) else []
+    if isinstance(structure, (list, tuple)) and structure and all(
+            isinstance(v, tf.TensorSpec) and v.name for v in structure):
+        return [v.name for v in structure]
+    return []
+
+
+def _derivation_problem(loaded: Any, tf_transform_output: Any) -> tuple[Any, list[str], str]:
+    """(call, feature keys, '') when the model's own call can be exposed, else (None, [], why)."""
+    import tensorflow as tf
+
+    if SERVING_SIGNATURE not in loaded.signatures:
+        return None, [], f"it has no {SERVING_SIGNATURE!r} signature either"
+    call = _keras_call(loaded)
+    if call is None:
+        return None, [], ("it has no restorable Keras call over a dict of transformed features (a Keras 3 "
+                          "model saved with tf.saved_model.save keeps only its signatures)")
+    keys = sorted(_input_names(call.structured_input_signature[0][0]))
+    spec = tf_transform_output.transformed_feature_spec()
+    missing = [k for k in keys if k not in spec]
+    if missing:
+        return None, [], f"the model's inputs {missing} are not transformed features ({sorted(spec)})"
+    sparse = [k for k in keys if not isinstance(spec[k], tf.io.FixedLenFeature)]
+    if sparse:
+        return None, [], f"the model's inputs {sparse} are not dense (FixedLenFeature) transformed features"
+    return call, keys, ""
+
+
+def _keras_model_fn(call: Any, keys: list[str]) -> Any:
+    """fn(*tensors in ``keys`` order) -> the restored Keras call's outputs (training=False)."""
+    import tensorflow as tf
+
+    call_args, call_kwargs = call.structured_input_signature
+    model_inputs = call_args[0]
+    model_specs = dict(zip(_input_names(model_inputs), tf.nest.flatten(model_inputs)))
+
+    def to_model_shape(key: str, tensor: Any) -> Any:
+        # TFT features are often [batch] while the Keras Input is (batch, 1): same values.
+        want = model_specs[key].shape
+        if want.rank is not None and tensor.shape.rank != want.rank and want[1:].is_fully_defined():
+            return tf.reshape(tensor, [-1] + want[1:].as_list())
+        return tensor
+
+    def model_fn(*tensors):
+        features = {k: to_model_shape(k, t) for k, t in zip(keys, tensors)}
+        # The structure the call was traced with: a dict, or the list in the model's input order.
+        inputs = features if isinstance(model_inputs, Mapping) else [features[n] for n in model_specs]
+        return call(inputs, *call_args[1:], **call_kwargs)  # training=False (, mask=None) as traced
+
+    return model_fn
+
+
+def derive_from_transformed_features(model_path: str, tf_transform_output: Any, out_dir: str) -> str:
+    """A SavedModel at ``out_dir`` with the Trainer model's ``serving_default`` (unchanged) and a
+    ``from_transformed_features`` signature: the model's own restored Keras call (tf_keras), else
+    the model part cut out of ``serving_default``'s graph after the tf.Transform call (Keras 3).
+
+    For a stock TFX ``run_fn`` (e.g. TFX's penguin / Chicago taxi Keras modules), which exports
+    only ``serving_default`` (raw tf.Examples) and ``transform_features``. Outputs are named like
+    ``serving_default``'s when both have one output (``outputs`` in TFX's examples), else as
+    :func:`quantizable_signatures` names them. Raises ``ValueError``
+    (:func:`missing_signature_message` + why) when the model's call cannot be recovered.
+    """
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(model_path)
+    call, keys, why = _derivation_problem(loaded, tf_transform_output)
+    model_fn = None
+    xf_spec = tf_transform_output.transformed_feature_spec()
+    if call is not None:
+        model_fn = _keras_model_fn(call, keys)
+    elif SERVING_SIGNATURE in loaded.signatures:
+        model_fn, keys, why_not = _graph_call(loaded, tf_transform_output)
+        why = f"{why}, and {why_not}" if model_fn is None else why
+    if call is None and model_fn is None:
+        raise ValueError(missing_signature_message(model_path, FROM_TRANSFORMED_FEATURES, list(loaded.signatures))
+                         + f"\nIt cannot be derived from the model: {why}.")
+    serving = loaded.signatures[SERVING_SIGNATURE]
+    serving_outputs = list(serving.structured_outputs) if isinstance(serving.structured_outputs, Mapping) else []
+    specs = [tf.TensorSpec([None] + list(xf_spec[k].shape), xf_spec[k].dtype, name=k) for k in keys]
+
+    module = tf.Module()
+    module.fp32 = loaded  # variables, tf.Transform assets and tables stay tracked
+
+    @tf.function(input_signature=specs)
+    def from_transformed_features_fn(*tensors):
+        outputs = model_fn(*tensors)
+        flat = tf.nest.flatten(outputs)
+        if len(flat) == 1 and len(serving_outputs) == 1:
+            return {serving_outputs[0]: flat[0]}
+        return _as_output_dict(outputs)
+
+    tf.saved_model.save(module, out_dir, signatures={
+        SERVING_SIGNATURE: serving,
+        FROM_TRANSFORMED_FEATURES: from_transformed_features_fn.get_concrete_function(),
+    })
+    return out_dir
+
+
+_CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
+
+
+def _graph_call(loaded: Any, tf_transform_output: Any) -> tuple[Any, list[str], str]:
+    """The model part of ``serving_default`` cut out of its graph, for models whose Keras call is
+    not restorable (Keras 3 saved with ``tf.saved_model.save`` inlines its layers in the serving
+    function): the serving function's body is re-imported with the tf.Transform call's outputs
+    replaced by inputs, then pruned to them. Returns (fn(*tensors) -> outputs, keys, why-not)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.function_def_to_graph import function_def_to_graph
+
+    serving = loaded.signatures[SERVING_SIGNATURE]
+    calls = [op for op in serving.graph.get_operations() if op.type in _CALL_OPS]
+    if len(calls) != 1:
+        return None, [], "its serving_default is not one traced function"
+    library = {f.signature.name: f for f in serving.graph.as_graph_def().library.function}
+    body_def = library[calls[0].get_attr("f").name]
+    spec = tf_transform_output.transformed_feature_spec()
+    names = sorted(spec)
+    if not all(isinstance(spec[k], tf.io.FixedLenFeature) for k in names):
+        return None, [], "not all transformed features are dense (FixedLenFeature)"
+    want_types = [spec[k].dtype.as_datatype_enum for k in names]
+    # The tf.Transform layer's call: its outputs are the transformed features, flattened in
+    # sorted-key order (tf.nest), so their count and dtypes match the transformed feature spec.
+    tft_nodes = [n.name for n in body_def.node_def if n.op in _CALL_OPS
+                 and [a.type for a in library[n.attr["f"].func.name].signature.output_arg] == want_types]
+    if len(tft_nodes) != 1:
+        return None, [], "no single tf.Transform call with the transformed features' outputs in serving_default"
+    body = function_def_to_graph(body_def)
+    tft_op = body.get_operation_by_name(tft_nodes[0])
+    used = sorted({i for i, t in enumerate(tft_op.outputs) if t.consumers()})
+    keys = [names[i] for i in used]
+    outer_inputs = list(calls[0].inputs)
+    internal_to_external = {id(internal): external for external, internal in serving.graph.captures}
+    resources = {body.inputs[i].name: internal_to_external.get(id(outer_inputs[i]))
+                 for i in range(1, len(body.inputs))}
+    if any(v is None for v in resources.values()) or len(body.inputs) != len(outer_inputs):
+        return None, [], "serving_default's captured inputs cannot be matched to the model's variables"
+    body_graph_def = body.as_graph_def()
+    output_names = [t.name for t in body.outputs]
+    specs = [tf.TensorSpec([None] + list(spec[k].shape), spec[k].dtype, name=k) for k in keys]
+
+    def cut(*features):
+        input_map = {tft_op.outputs[i].name: f for i, f in zip(used, features)}
+        graph = tf.compat.v1.get_default_graph()  # the wrap_function graph: capture the handles
+        input_map.update({name: graph.capture(handle) for name, handle in resources.items()})
+        input_map[body.inputs[0].name] = tf.constant([], tf.string)  # the examples: pruned away
+        return tf.graph_util.import_graph_def(body_graph_def, input_map=input_map,
+                                              return_elements=output_names, name="model")
+
+    holders = []
+
+    def feeds_and_fetches():
+        holders[:] = [tf.compat.v1.placeholder(s.dtype, s.shape, name=s.name) for s in specs]
+        return cut(*holders)
+
+    wrapped = tf.compat.v1.wrap_function(feeds_and_fetches, [])
+    pruned = wrapped.prune([wrapped.graph.get_tensor_by_name(h.name) for h in holders],
+                           [wrapped.graph.get_tensor_by_name(o.name) for o in wrapped.outputs])
+    structure = serving.structured_outputs
+
+    def model_fn(*tensors):
+        flat = pruned(*tensors)
+        return tf.nest.pack_sequence_as(structure, flat)
+
+    return model_fn, keys, ""
