@@ -84,7 +84,8 @@ def _agree(q, model, x) -> float:
 
 
 # -- the default run: one real case per backend, the hardest forms ----------------------------
-@pytest.mark.parametrize("accelerator", BACKENDS + ["auto"])
+# (``auto`` runs all three again: extended set; its one budget is covered by the budget test)
+@pytest.mark.parametrize("accelerator", BACKENDS + [pytest.param("auto", marks=pytest.mark.extended)])
 def test_readonly_tfdata_with_metric_and_one_shot_generator(accelerator, mlp, flat):
     """tf.data's read-only arrays with accuracy control (OpenVINO failed every trial), then a
     one-shot generator without a metric (failed everywhere, leaked spool folders)."""

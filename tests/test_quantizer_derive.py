@@ -8,7 +8,7 @@ the FP32 model.
 Cheap artifacts, no orchestrator: the penguin Transform (tft_beam), TFX's own penguin Keras model
 (Keras 3) or ours (tf_keras) trained in-process, transformed train/eval splits written as the
 Transform component writes them. onnxruntime runs by default; openvino and INC are opt-in
-extras (NANO_TFX_SLOW_EXTRAS=1).
+extras (the extended set, NANO_TFX_EXTENDED=1).
 """
 from __future__ import annotations
 
@@ -81,9 +81,8 @@ def test_stock_trainer_model_has_no_quantizable_signature(stock):
     assert set(sigs) == {"serving_default", "transform_features"}
 
 
-# The other layouts from the same derived model: opt-in extras (NANO_TFX_SLOW_EXTRAS=1), ~1 min each.
-_EXTRA = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("NANO_TFX_SLOW_EXTRAS"),
-                                               reason="slow extra: set NANO_TFX_SLOW_EXTRAS=1")]
+# The other layouts from the same derived model: the extended set (NANO_TFX_EXTENDED=1), ~1 min each.
+_EXTRA = [pytest.mark.slow, pytest.mark.extended]
 
 
 @pytest.mark.parametrize("accelerator", ["onnxruntime", pytest.param("openvino", marks=_EXTRA),

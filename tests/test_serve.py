@@ -181,6 +181,23 @@ def test_int8_agrees_with_fp32_on_raw_examples(server, fp32_outputs, digits_eval
     assert agree == 1.0, agree
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_layout_pushed_by_tfx_pusher_still_serves(server, fp32_outputs, digits_eval, tmp_path, backend):
+    """TFX's filesystem Pusher copies with ``deny_regex_patterns=[r'saved_model\\.pb']`` and puts
+    back only the top-level one: the nested transform graph arrives without its graph proto."""
+    from tfx.utils import io_utils
+
+    from components.serving.servable import load_servable
+
+    pushed = str(tmp_path / "1")
+    io_utils.copy_dir(server.models[f"digits_{backend}"], pushed, deny_regex_patterns=[r"saved_model\.pb"])
+    assert not os.path.exists(os.path.join(pushed, "transform_graph", "transform_fn", "saved_model.pb"))
+    got = load_servable(pushed).predict({"examples": np.array(digits_eval[0], dtype=object)})["outputs"]
+    want = server.predict(f"digits_{backend}", digits_eval[0])["outputs"]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not os.path.exists(os.path.join(pushed, "transform_graph", "transform_fn", "saved_model.pb"))  # untouched
+
+
 def test_quantized_model_folder_takes_its_own_named_inputs(server, fp32_outputs, digits_eval):
     """No transform graph beside it: the model's inputs (transformed features) are the request."""
     calib = serve_models.transformed_inputs(server.models["digits_fp32"], os.path.join(

@@ -26,10 +26,29 @@ BACKENDS = ["onnxruntime", "openvino"]
 EVAL_ROWS = (10000, 10600)  # far from the training rows
 
 
+def _taxi_models_as_a_trainer_would(root: str) -> tuple:
+    """Build the stock taxi model in its own process, where tf.Transform is imported before
+    ``tf.keras`` is first touched (as in a TFX Trainer): ``tf.keras`` is then tf_keras, whose
+    functional models accept the stock model's unused inputs. In this test process an earlier
+    test may already have bound ``tf.keras`` to Keras 3, which refuses them."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, %r); import serve_models; "
+            "print('PATHS', *serve_models.taxi_models(%r), sep='\\t')" % (os.path.dirname(os.path.abspath(__file__)), root))
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1",
+               PYTHONPATH=serve_models.REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1200,
+                          cwd=serve_models.REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PATHS\t")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    _, fp32, transform = lines[-1].split("\t")
+    return fp32, transform
+
+
 @pytest.fixture(scope="module")
 def taxi_server(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("taxi"))
-    fp32, transform = serve_models.taxi_models(root)
+    fp32, transform = _taxi_models_as_a_trainer_would(root)
     calib = serve_models.transformed_inputs(fp32, transform, serve_models.taxi_examples(0, 100))
     models = {"taxi_fp32": fp32}
     for backend in BACKENDS:

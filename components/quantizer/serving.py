@@ -136,9 +136,38 @@ def write_serving_manifest(out_dir: str, parse_keys: Optional[Sequence[str]]) ->
         json.dump({"raw_feature_keys": sorted(parse_keys) if parse_keys else None}, f)
 
 
+#: A copy of ``transform_graph/transform_fn/saved_model.pb`` under a name TFX's Pusher keeps: its
+#: filesystem push copies the model folder with ``deny_regex_patterns=[r'saved_model\.pb']`` and
+#: puts back only the *top-level* ``saved_model.pb``, so a nested SavedModel arrives without its
+#: graph. The model server restores it from this copy (``transform_graph_dir``).
+PUSHER_SAFE_PROTO = "saved_model_proto.bin"
+
+
 def copy_transform_graph(transform_graph_uri: str, out_dir: str) -> None:
     dst = os.path.join(out_dir, TRANSFORM_DIR)
     shutil.copytree(transform_graph_uri, dst, dirs_exist_ok=True)
+    proto = os.path.join(dst, "transform_fn", "saved_model.pb")
+    if os.path.isfile(proto):
+        shutil.copy2(proto, os.path.join(dst, "transform_fn", PUSHER_SAFE_PROTO))
+
+
+def transform_graph_dir(model_dir: str) -> str:
+    """The usable ``transform_graph/`` of a layout: in place, or - after TFX's Pusher dropped the
+    nested ``saved_model.pb`` - a private copy with the graph restored from ``PUSHER_SAFE_PROTO``
+    (the pushed folder itself is never written to). Removed at interpreter exit."""
+    src = os.path.join(model_dir, TRANSFORM_DIR)
+    fn = os.path.join(src, "transform_fn")
+    if os.path.isfile(os.path.join(fn, "saved_model.pb")) or not os.path.isfile(os.path.join(fn, PUSHER_SAFE_PROTO)):
+        return src
+    import atexit
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="nano_tfx_transform_")
+    atexit.register(shutil.rmtree, work, True)
+    dst = os.path.join(work, TRANSFORM_DIR)
+    shutil.copytree(src, dst)
+    shutil.copy2(os.path.join(fn, PUSHER_SAFE_PROTO), os.path.join(dst, "transform_fn", "saved_model.pb"))
+    return dst
 
 
 def triton_config(model_name: str, inputs: Sequence[Any], outputs: Sequence[Any]) -> str:
@@ -186,7 +215,10 @@ def serving_doc(backend: str, parse_keys: Optional[Sequence[str]], inputs: Seque
         f"{files} in this directory; the Pusher's `<base_directory>/<version>/` is the numeric "
         f"version directory {server} expects.\n\n"
         f"Inputs are the *transformed* features: {ins}; outputs: {outs}.\n\n"
-        f"`{TRANSFORM_DIR}/` is the Transform output. Apply it to raw features first, e.g.\n\n"
+        f"`{TRANSFORM_DIR}/` is the Transform output. TFX's filesystem Pusher drops nested "
+        f"`saved_model.pb` files: in a pushed copy, restore `{TRANSFORM_DIR}/transform_fn/saved_model.pb` "
+        f"from `{PUSHER_SAFE_PROTO}` beside it (`nano-tfx serve` does this itself). Apply it to raw "
+        "features first, e.g.\n\n"
         "```python\n"
         "import tensorflow_transform as tft\n"
         f"layer = tft.TFTransformOutput('{TRANSFORM_DIR}').transform_features_layer()\n"

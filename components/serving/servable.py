@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from components.quantizer.serving import SERVING_MANIFEST, TRANSFORM_DIR
+from components.quantizer.serving import SERVING_MANIFEST, TRANSFORM_DIR, transform_graph_dir
 from components.quantizer.signatures import EXAMPLES_INPUT, SERVING_SIGNATURE
 
 logger = logging.getLogger("nano_tfx")
@@ -165,7 +165,7 @@ def _engine_model(path: str, thread_num: Optional[int]) -> Servable:
 
         return Servable("tensors", layout, inputs, outputs, run_tensors)
 
-    transform = _transform_fn(path, transform_dir, model.inputs)
+    transform = _transform_fn(path, transform_graph_dir(path), model.inputs)
 
     def run_examples(arrays: Mapping[str, np.ndarray]) -> dict:
         features = transform(arrays[EXAMPLES_INPUT])
