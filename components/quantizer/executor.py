@@ -60,21 +60,20 @@ def _single(input_dict: Dict[str, List[types.Artifact]], key: str) -> Optional[t
     return artifact_utils.get_single_instance(items) if items else None
 
 
-def _signature_io(model_path: str, signature_name: str) -> tuple[list[str], list[str]]:
-    """Input / output names of a signature, read from saved_model.pb (no graph loading)."""
+def _signature_defs(model_path: str) -> Any:
+    """The SavedModel's signature map, read from saved_model.pb (no graph loading)."""
     from tensorflow.python.tools import saved_model_utils
 
-    meta = saved_model_utils.get_meta_graph_def(model_path, "serve")
-    if signature_name not in meta.signature_def:
-        raise ValueError(missing_signature_message(model_path, signature_name, list(meta.signature_def)))
-    sig = meta.signature_def[signature_name]
+    return saved_model_utils.get_meta_graph_def(model_path, "serve").signature_def
+
+
+def _signature_io(model_path: str, signature_name: str, defs: Any = None) -> tuple[list[str], list[str]]:
+    """Input / output names of a signature (``defs``: the map when already read)."""
+    defs = _signature_defs(model_path) if defs is None else defs
+    if signature_name not in defs:
+        raise ValueError(missing_signature_message(model_path, signature_name, list(defs)))
+    sig = defs[signature_name]
     return sorted(sig.inputs), sorted(sig.outputs)
-
-
-def _has_signature(model_path: str, signature_name: str) -> bool:
-    from tensorflow.python.tools import saved_model_utils
-
-    return signature_name in saved_model_utils.get_meta_graph_def(model_path, "serve").signature_def
 
 
 def _file_digest(paths: List[str]) -> str:
@@ -113,8 +112,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         # A stock Trainer run_fn exports only serving_default: derive the default signature from
         # the model's own Keras call (quantized from a tmp copy; the FP32 model stays the original).
         quantize_from, derived_note = model_path, None
-        if (signature_name == FROM_TRANSFORMED_FEATURES and transform_graph is not None
-                and not _has_signature(model_path, signature_name)):
+        defs = _signature_defs(model_path)
+        if signature_name == FROM_TRANSFORMED_FEATURES and transform_graph is not None and signature_name not in defs:
             import tensorflow_transform as tft
 
             quantize_from = derive_from_transformed_features(
@@ -123,7 +122,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             derived_note = (f"the Trainer model has no {signature_name!r} signature: derived it from the "
                             f"model's own Keras call ({quantize_from}); the FP32 model is unchanged")
             logging.info("Quantizer: %s", derived_note)
-        input_names, _ = _signature_io(quantize_from, signature_name)
+        input_names, _ = _signature_io(quantize_from, signature_name, None if derived_note else defs)
 
         tfx_info: dict = {
             "fp32_model": model_path,

@@ -16,6 +16,7 @@ nano_tfx's JSON manifest): nothing is unpickled.
 from __future__ import annotations
 
 import json
+import functools
 import logging
 import os
 import re
@@ -79,9 +80,7 @@ def _tf_error(err: Exception) -> RequestError:
     return RequestError(f"examples: {line[:300]}")
 
 
-_TF_CONFIGURED = False
-
-
+@functools.lru_cache(maxsize=None)  # once per process
 def configure_tensorflow() -> None:
     """Process-wide TensorFlow settings for serving; once, before any model is loaded.
 
@@ -93,16 +92,12 @@ def configure_tensorflow() -> None:
     ``binary_sub+binary_mul+...`` post-ops, >95 % of the time). A server answers mostly batch-1
     requests, so the remapper is off here; INC's INT8 graphs come already fused by INC.
     """
-    global _TF_CONFIGURED
-    if _TF_CONFIGURED:
-        return
     import tensorflow as tf
 
     from nano_tfx._env import onednn_enabled
 
     if onednn_enabled():
         tf.config.optimizer.set_experimental_options({"remapping": False})
-    _TF_CONFIGURED = True
 
 
 def _saved_model(path: str) -> Servable:
