@@ -1,17 +1,20 @@
 """Per-layer quantization error, the same numbers for every backend.
 
-A backend's ``diagnose`` taps, for each quantized layer, the tensor entering the layer (as the
-quantized model feeds it, i.e. after its activation quantization) and the layer's output, in the
-FP32 model and in the quantized model, with the engine's own tooling (ONNX Runtime
-``qdq_loss_debug``, OpenVINO ``Model.add_outputs``, TF graph tensors for INC). This module turns
-those pairs into one row per layer and ranks them.
+A backend's ``diagnose`` taps, for each quantized layer, the tensor entering the layer and the
+layer's output, in the FP32 model and in the quantized model. The input is taken in front of the
+layer's own input quantizer where falling the layer back removes that quantizer (OpenVINO, ONNX
+Runtime): its error, e.g. a range that clips an outlier channel, is then the layer's. INC attaches
+an activation's quantization to its producer, so there it is tapped as the layer receives it.
+Each backend taps with the engine's own tooling (ONNX Runtime ``qdq_loss_debug``, OpenVINO
+``Model.add_outputs``, TF graph tensors for INC). This module turns those pairs into one row per
+layer and ranks them.
 
 Why rank by ``added_mse`` and not by ``sqnr_db``: the output error of a layer includes everything
 upstream, so every layer behind a bad one looks as bad. ``added_mse`` (relative MSE of the output
-minus relative MSE of the input as the layer receives it) is the error the layer itself adds: a
-layer whose input holds a 1000x outlier channel adds a relative error near 1 there (the
-quantization step, set by the outlier, wipes the other channels) although its *input* error
-looks small (the outlier dominates the input's power); the layers behind it add little more.
+minus relative MSE of the input as tapped) is the error the layer itself adds: a layer whose
+input holds a 1000x outlier channel adds a relative error near 1 there (the quantization step,
+set by the outlier, wipes the other channels, or a range estimate clips the outlier); the layers
+behind it add little more.
 It is linear rather than in dB so that a layer behind an already noisy one (input SQNR 6 dB,
 say on CPUs whose INT8 kernels saturate) is not credited with a large dB drop for a small error.
 

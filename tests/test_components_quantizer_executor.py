@@ -295,6 +295,7 @@ def test_openvino_and_onnx_serving_layouts(fp32, tmp_path, accelerator, files):
     assert np.mean(np.asarray(got).argmax(-1) == want.argmax(-1)) >= 0.97
 
 
+@pytest.mark.extended  # ~2 min (two worker processes import TF); the local Beam runner is in the default set
 def test_trials_spread_over_a_dask_cluster(fp32, tmp_path):
     """DaskRunner against a real 2-process distributed.LocalCluster runs the trials."""
     from distributed import LocalCluster

@@ -60,7 +60,10 @@ def test_planted_layer_ranked_first_and_criterion_met(accelerator, planted_runs,
     # keeping it in FP32 is what raised the metric
     assert worst["own_error"] > 3 * max(r["own_error"] for r in report.layers[1:]), report.layer_table()
     if report.trials[0].metric is not None:  # a collapsed full INT8 has no metric to gain from
-        assert worst.get("metric_gain", 0) == max(r.get("metric_gain") or 0 for r in report.layers) > 0.1
+        # how much the planted channel costs varies with the trained model (0.06-0.7 seen): the
+        # gain must be the largest and above the tuner's noise floor (twice the allowed drop)
+        noise = 2 * CRITERION["relative"] * report.baseline
+        assert worst.get("metric_gain", 0) == max(r.get("metric_gain") or 0 for r in report.layers) > noise
     assert worst["range_ratio"] > 100  # the 1000x channel is visible in the FP32 input range
     assert {"name", "sqnr_db", "mse"} <= set(worst)
     kept = {k["name"]: k for k in report.kept_fp32}
@@ -99,6 +102,42 @@ def test_quantized_model_diagnose(planted_runs, planted_mlp, digits):
     assert all(np.isfinite(r["sqnr_db"]) and r["sqnr_db"] > 5 for r in rows)
     with pytest.raises(ValueError, match="data"):
         q.diagnose(None)
+
+
+def _clipped_planted_mlp():
+    """The planted MLP as one CI run trained it (weights in ``tests/data``): OpenVINO's default
+    activation range (mean of per-sample maxima) clips fc6's 4000x channel on most rows."""
+    import keras
+
+    weights = np.load(os.path.join(os.path.dirname(__file__), "data", "planted_mlp_clipped_fc6.npz"))
+    L = keras.layers
+    inp = keras.Input((8, 8, 1), name="image")
+    x = L.Flatten()(inp)
+    for i in range(8):
+        x = L.Dense(64, activation="relu", name=f"fc{i}")(x)
+    model = keras.Model(inp, L.Dense(10, activation="softmax", name="probs")(x))
+    for layer in model.layers:
+        if layer.weights:
+            layer.set_weights([weights[f"{layer.name}:{i}"] for i in range(len(layer.weights))])
+    return model
+
+
+@pytest.mark.parametrize("accelerator", ["onnxruntime", "openvino"])
+def test_layer_input_is_tapped_in_front_of_its_own_quantizer(accelerator, digits):
+    """Falling a layer back removes its input quantizer, so that error is the layer's. Tapped
+    behind it, the clipped channel looked like *input* error on this model and fc6 ranked last on
+    OpenVINO (CI failure). ORT folds each Relu into the Q/DQ pair and gives the pre-activation
+    tensor the Relu's name: the tap re-applies the Relu (else every layer 'adds' -0.2..-0.6)."""
+    _, (xte, yte) = digits
+    try:
+        report = nano_tfx.quantize(_clipped_planted_mlp(), accelerator=accelerator, calib_dataset=(xte, yte),
+                                   metric="accuracy", accuracy_criterion=CRITERION, max_trials=2).report
+    except nano_tfx.AccuracyCriterionNotMet as err:  # the ranking is what is tested here
+        report = err.report
+    rows = report.layers  # the diagnosis of the fully quantized trial (ORT's collapses)
+    assert "/fc6_" in rows[0]["name"], [(r["name"], r["own_error"]) for r in rows[:3]]
+    assert rows[0]["own_error"] > 10 * rows[1]["own_error"]
+    assert all(r["added_mse"] > -0.05 for r in rows), [(r["name"], r["added_mse"]) for r in rows]
 
 
 def _inc_mobilenet_block(tmp_path):

@@ -143,6 +143,7 @@ def test_report_command_reads_the_demo_root(demo):
     assert "| # | backend |" in proc.stdout and "TFX: blessed=True" in proc.stdout
 
 
+@pytest.mark.extended  # a second full demo run (~2.5 min); the executor-level resume is in the default set
 def test_zz_rerun_resumes_from_previous_report(demo):
     """A second ``nano-tfx demo`` on the same root: upstream components come from TFX's cache,
     the Evaluator now has a baseline model, and the Quantizer resumes from its previous report

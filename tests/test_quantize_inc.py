@@ -64,6 +64,7 @@ def test_seed_example_default(seed_model):
     assert len(q_model.report.trials) == 1 and q_model.report.met is None  # no search without a metric
 
 
+@pytest.mark.extended  # ~1 min of bayesian trials on a MobileNetV2; strategies are covered in the default set
 def test_seed_example_accuracy_control(seed_model):
     model, train_examples, train_dataset = seed_model
     try:

@@ -2,8 +2,12 @@
 
 ``modify_model_output_intermediate_tensors`` exposes the inputs and outputs of every weighted
 node (Conv/MatMul/Gemm...) as graph outputs, in the pre-processed FP32 model and in the QDQ
-model. ORT's QDQ quantizer keeps node names, so a node's output is matched by name; its input in
-the QDQ model is the ``DequantizeLinear`` output, i.e. what the quantized layer really sees.
+model. ORT's QDQ quantizer keeps node names, so a node's output is matched by name. Its input is
+tapped in front of the ``QuantizeLinear``/``DequantizeLinear`` pair on it where that tensor is the
+FP32 model's: falling the layer back (with its producer, see ``_producer_groups``) removes that
+pair, so its error is the layer's (an input quantizer that clips an outlier channel would
+otherwise look like upstream error). Where ORT folded a Relu/Clip into the pair, the tensor in
+front of it is pre-activation and the input is tapped behind the pair instead.
 Exposing those tensors keeps ORT from fusing them into QLinear kernels, so the quantized side
 computes the same integers in float (what ``qdq_loss_debug`` itself measures).
 """
@@ -21,27 +25,63 @@ from nano_tfx.backends.base import TrialConfig
 from nano_tfx.backends.onnxruntime.space import STATIC_WEIGHTED_OPS
 
 
-def _tap(path: str, input_names: Sequence[str], nodes: Sequence[str], so) -> diagnosis.Tap:
+def _layer_io(path: str, nodes: Sequence[str], fp32: dict[str, tuple[str, str, str | None]] | None = None
+              ) -> dict[str, tuple[str, str, str | None]]:
+    """Per node: (input tensor, output tensor, op type making the input).
+
+    In the QDQ model (``fp32``: the FP32 model's answer) the input is taken in front of its Q/DQ
+    pair. ORT folds a Relu into the pair and gives the producer's pre-activation output the
+    Relu's name (the producing op tells them apart): the tap then applies the Relu itself. Any
+    other mismatch (a folded Clip) is tapped behind the pair."""
     import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    made_by = {out: node for node in graph.node for out in node.output}
+
+    def maker(tensor: str) -> str | None:
+        return made_by[tensor].op_type if tensor in made_by else None
+
+    io = {}
+    for n in graph.node:
+        if n.name in set(nodes):
+            x, kind = n.input[0], maker(n.input[0])
+            if fp32 is not None and n.name in fp32:
+                up, (want, _, want_kind) = _upstream(x, made_by), fp32[n.name]
+                if up == want and (maker(up) == want_kind or want_kind == "Relu"):
+                    x, kind = up, want_kind
+            io[n.name] = (x, n.output[0], kind if maker(x) != kind else None)
+    return io
+
+
+def _tap(path: str, input_names: Sequence[str], io: dict[str, tuple[str, str, str | None]], so) -> diagnosis.Tap:
+    """``io``'s third field: an activation ORT folded away that the tap applies (``Relu``)."""
     import onnxruntime as ort
     from onnxruntime.quantization.qdq_loss_debug import _TENSOR_SAVE_POSTFIX
 
-    graph = onnx.load(path, load_external_data=False).graph
-    io = {n.name: (n.input[0], n.output[0]) for n in graph.node if n.name in set(nodes)}
     sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
     available = {o.name for o in sess.get_outputs()}
-    want = sorted({t + _TENSOR_SAVE_POSTFIX for pair in io.values() for t in pair} & available)
+    want = sorted({t + _TENSOR_SAVE_POSTFIX for pair in io.values() for t in pair[:2]} & available)
 
     def tap(batch):
         got = dict(zip(want, sess.run(want, dict(zip(input_names, batch)))))
         out = {}
-        for name, (x, y) in io.items():
+        for name, (x, y, folded) in io.items():
             y = got.get(y + _TENSOR_SAVE_POSTFIX)
             if y is not None:
-                out[name] = (got.get(x + _TENSOR_SAVE_POSTFIX), y)
+                x = got.get(x + _TENSOR_SAVE_POSTFIX)
+                out[name] = (np.maximum(x, 0) if folded == "Relu" and x is not None else x, y)
         return out
 
     return tap
+
+
+def _upstream(tensor: str, made_by: dict) -> str:
+    """``tensor`` in front of the QuantizeLinear/DequantizeLinear pair on it (itself if none)."""
+    dq = made_by.get(tensor)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return tensor
+    q = made_by.get(dq.input[0])
+    return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else tensor
 
 
 def _quantized_nodes(model_path: str) -> set[str]:
@@ -98,12 +138,14 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
     tmp = tempfile.mkdtemp(prefix="diagnose_", dir=prepared.workdir)
     try:
         fp32_aug, q_aug = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
-        ops = list(STATIC_WEIGHTED_OPS)
+        ops = list(STATIC_WEIGHTED_OPS) + ["QuantizeLinear"]  # + the tensors entering Q/DQ pairs
         modify_model_output_intermediate_tensors(prepared.model_path, fp32_aug, op_types_for_saving=ops)
         modify_model_output_intermediate_tensors(model_path, q_aug, op_types_for_saving=ops)
         so = backend.session_options()
-        fp32 = _tap(fp32_aug, prepared.input_names, names, so)
-        quant = _tap(q_aug, prepared.input_names, names, so)
+        fp32_io = _layer_io(fp32_aug, names)
+        fp32 = _tap(fp32_aug, prepared.input_names, fp32_io, so)
+        quant_io = _layer_io(q_aug, names, fp32_io)
+        quant = _tap(q_aug, prepared.input_names, quant_io, so)
         groups = _producer_groups(prepared.model_path, names)
         return diagnosis.compare(layers, fp32, quant, batches, groups)
     finally:

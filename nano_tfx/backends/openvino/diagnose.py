@@ -1,9 +1,14 @@
 """Per-layer diagnosis through OpenVINO's own graph API: ``Model.add_outputs``.
 
 Every weighted op (Convolution/MatMul/...) keeps its friendly name through NNCF, so the same name
-finds the op in the FP32 IR and in the quantized model. Its activation input (in the quantized
-model: the ``FakeQuantize`` output, i.e. what the INT8 kernel really consumes) and its output
+finds the op in the FP32 IR and in the quantized model. Its activation input and its output
 become extra model outputs of a clone of each model; both clones run on the same batches.
+
+The input is tapped *in front of* the op's own activation ``FakeQuantize``: NNCF's ignored scope
+drops that quantizer together with the weights', so its error belongs to the op's row (what
+moving the op to FP32 removes). Tapped behind it, an input quantizer that clips a 1000x outlier
+channel shows up as input error and the op looks like it adds none (seen on a model whose range
+estimate clipped that channel: the culprit ranked last).
 """
 from __future__ import annotations
 
@@ -31,6 +36,12 @@ def _activation_input(op):
         if not const or i == 0 and op.get_type_name() != "MatMul":
             return value
     return op.input_value(0)
+
+
+def _upstream(value):
+    """``value`` in front of the activation quantizer NNCF put on it (the value itself if none)."""
+    node = value.get_node()
+    return node.input_value(0) if node.get_type_name() == "FakeQuantize" else value
 
 
 def _is_quantized(op) -> bool:
@@ -62,7 +73,7 @@ def _tap(backend, model, names: Sequence[str], input_names: Sequence[str]) -> di
     for n in found:
         op = by_name[n]
         pair = []
-        for out in (_activation_input(op), op.output(0)):
+        for out in (_upstream(_activation_input(op)), op.output(0)):
             key = (out.get_node().get_friendly_name(), out.get_index())
             if key not in tags:
                 tags[key] = f"nano_tfx_diag_{len(tags)}"
