@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="inc,onnxruntime,openvino")
     ap.add_argument("--models", default="planted,mobilenet")
     ap.add_argument("--out", default="diagnosis_bench.json")
+    ap.add_argument("--strategies", default="new basic,old basic,nncf_ac",
+                    help="rows to run (comma-separated): new basic, old basic, nncf_ac")
     ap.add_argument("--diagnosis-time", action="store_true",
                     help="only time one diagnosis of a full-size MobileNetV2 per backend")
     ap.add_argument("--diagnosis-size", type=int, default=96, help="input size for --diagnosis-time (224: ImageNet)")
@@ -169,6 +171,8 @@ def main(argv=None) -> int:
             else:
                 plans.append(("old basic", "_one_by_one", old_cap))
             for label, strategy, cap in plans:
+                if label not in [x.strip() for x in args.strategies.split(",")]:
+                    continue
                 row = {"model": mname, "backend": backend, "strategy": label, "max_trials": cap,
                        **run_one(model, mdata, accel, strategy, cap, nncf_log=label == "nncf_ac")}
                 print(json.dumps(row), flush=True)

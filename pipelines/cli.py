@@ -625,7 +625,8 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--max-request-size", type=int, default=32 * 1024 * 1024,
                    help="largest request body in bytes; more is answered 413 (default: %(default)s)")
     s.add_argument("--adaptive-batch-size", type=int, default=0,
-                   help="MLServer adaptive batching: merge up to N concurrent requests (default: off)")
+                   help="MLServer adaptive batching: merge up to N concurrent requests into one engine call "
+                        "(default: off; a malformed request fails the requests merged with it)")
     s.add_argument("--adaptive-batch-time", type=float, default=0.0,
                    help="adaptive batching: wait at most this many seconds for a batch to fill")
     s.add_argument("--threads", type=int, default=None, help="engine threads (ONNX Runtime / OpenVINO)")

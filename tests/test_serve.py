@@ -273,6 +273,33 @@ def test_bounded_load_leaves_memory_and_answers_as_before(server, fp32_outputs, 
     assert np.mean(got.argmax(-1) == fp32_outputs["digits"]["outputs"].argmax(-1)) >= 0.99
 
 
+def test_adaptive_batching_answers_each_request_as_alone(server, digits_eval, tmp_path):
+    """``--adaptive-batch-size``: MLServer merges concurrent requests into one engine call and
+    splits the answer back. 24 concurrent requests of 1-4 rows each get exactly the rows they
+    would get alone, on a second server with batching on; a malformed request still gets its 4xx
+    and the server keeps serving. (A malformed request merged with good ones fails them too: the
+    batch is one engine call. That is why batching is off by default; see ``serve --help``.)"""
+    model = "digits_onnxruntime"
+    examples = digits_eval[0]
+    sizes = [1 + i % 4 for i in range(24)]
+    starts = np.cumsum([0] + sizes[:-1])
+    chunks = [examples[a:a + n] for a, n in zip(starts, sizes)]
+    alone = [server.predict(model, c)["outputs"] for c in chunks]
+    extra = ("--adaptive-batch-size", "8", "--adaptive-batch-time", "0.05")
+    with serve_models.served({model: server.models[model]}, model, str(tmp_path), extra) as (proc, port, log):
+        batched = Server(proc, port, log)
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            replies = list(pool.map(lambda c: batched.infer(model, examples_request(c)), chunks))
+        for want, reply in zip(alone, replies):
+            assert reply.status_code == 200, (reply.text, batched.log_tail())
+            out = reply.json()["outputs"][0]
+            np.testing.assert_allclose(np.asarray(out["data"]).reshape(out["shape"]), want, rtol=1e-5, atol=1e-5)
+        bad = batched.infer(model, _bad_requests(examples)["garbage bytes"])
+        assert 400 <= bad.status_code < 500, bad.text
+        np.testing.assert_allclose(batched.predict(model, chunks[0])["outputs"], alone[0], rtol=1e-5, atol=1e-5)
+        assert proc.poll() is None
+
+
 def test_cli_rejects_a_missing_model_dir_without_starting(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", str(tmp_path / "nope"), "--name", "m"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
