@@ -161,6 +161,7 @@ def main(argv=None) -> int:
         m, up = planted.small_mobilenet(keras, data, epochs=2 if args.quick else 4)
         models["MobileNetV2-style (digits 32x32)"] = (m, up)
     old_cap = 20 if args.quick else 80
+    wanted = {x.strip() for x in args.strategies.split(",")}
     rows = []
     for mname, (model, mdata) in models.items():
         for backend in args.backends.split(","):
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
             else:
                 plans.append(("old basic", "_one_by_one", old_cap))
             for label, strategy, cap in plans:
-                if label not in [x.strip() for x in args.strategies.split(",")]:
+                if label not in wanted:
                     continue
                 row = {"model": mname, "backend": backend, "strategy": label, "max_trials": cap,
                        **run_one(model, mdata, accel, strategy, cap, nncf_log=label == "nncf_ac")}

@@ -6,8 +6,9 @@ model. ORT's QDQ quantizer keeps node names, so a node's output is matched by na
 tapped in front of the ``QuantizeLinear``/``DequantizeLinear`` pair on it where that tensor is the
 FP32 model's: falling the layer back (with its producer, see ``_producer_groups``) removes that
 pair, so its error is the layer's (an input quantizer that clips an outlier channel would
-otherwise look like upstream error). Where ORT folded a Relu/Clip into the pair, the tensor in
-front of it is pre-activation and the input is tapped behind the pair instead.
+otherwise look like upstream error). Where ORT folded a Relu into the pair, the tensor in front of
+it is pre-activation and the tap re-applies the Relu; after any other folded activation (Clip) the
+input is tapped behind the pair.
 Exposing those tensors keeps ORT from fusing them into QLinear kernels, so the quantized side
 computes the same integers in float (what ``qdq_loss_debug`` itself measures).
 """
@@ -25,9 +26,12 @@ from nano_tfx.backends.base import TrialConfig
 from nano_tfx.backends.onnxruntime.space import STATIC_WEIGHTED_OPS
 
 
-def _layer_io(path: str, nodes: Sequence[str], fp32: dict[str, tuple[str, str, str | None]] | None = None
-              ) -> dict[str, tuple[str, str, str | None]]:
-    """Per node: (input tensor, output tensor, op type making the input).
+Io = dict[str, tuple[str, str, "str | None", "str | None"]]
+
+
+def _layer_io(path: str, nodes: Sequence[str], fp32: Io | None = None) -> Io:
+    """Per node: (input tensor, output tensor, op type making the input, activation folded away
+    that the tap re-applies).
 
     In the QDQ model (``fp32``: the FP32 model's answer) the input is taken in front of its Q/DQ
     pair. ORT folds a Relu into the pair and gives the producer's pre-activation output the
@@ -41,20 +45,23 @@ def _layer_io(path: str, nodes: Sequence[str], fp32: dict[str, tuple[str, str, s
     def maker(tensor: str) -> str | None:
         return made_by[tensor].op_type if tensor in made_by else None
 
+    wanted = set(nodes)
     io = {}
     for n in graph.node:
-        if n.name in set(nodes):
-            x, kind = n.input[0], maker(n.input[0])
-            if fp32 is not None and n.name in fp32:
-                up, (want, _, want_kind) = _upstream(x, made_by), fp32[n.name]
-                if up == want and (maker(up) == want_kind or want_kind == "Relu"):
-                    x, kind = up, want_kind
-            io[n.name] = (x, n.output[0], kind if maker(x) != kind else None)
+        if n.name not in wanted:
+            continue
+        x, folded = n.input[0], None
+        if fp32 is not None and n.name in fp32:
+            up, (want, _, want_kind, _) = _upstream(x, made_by), fp32[n.name]
+            if up == want and maker(up) == want_kind:
+                x = up
+            elif up == want and want_kind == "Relu":  # the Relu went into the pair
+                x, folded = up, "Relu"
+        io[n.name] = (x, n.output[0], maker(x), folded)
     return io
 
 
-def _tap(path: str, input_names: Sequence[str], io: dict[str, tuple[str, str, str | None]], so) -> diagnosis.Tap:
-    """``io``'s third field: an activation ORT folded away that the tap applies (``Relu``)."""
+def _tap(path: str, input_names: Sequence[str], io: Io, so) -> diagnosis.Tap:
     import onnxruntime as ort
     from onnxruntime.quantization.qdq_loss_debug import _TENSOR_SAVE_POSTFIX
 
@@ -65,7 +72,7 @@ def _tap(path: str, input_names: Sequence[str], io: dict[str, tuple[str, str, st
     def tap(batch):
         got = dict(zip(want, sess.run(want, dict(zip(input_names, batch)))))
         out = {}
-        for name, (x, y, folded) in io.items():
+        for name, (x, y, _, folded) in io.items():
             y = got.get(y + _TENSOR_SAVE_POSTFIX)
             if y is not None:
                 x = got.get(x + _TENSOR_SAVE_POSTFIX)
