@@ -129,6 +129,9 @@ def test_search_space_defaults(keras3_setup):
     assert set(space.knobs["calibrate_method"]) == {"MinMax", "Entropy", "Percentile"}
     # x86 without VNNI: 7-bit weights first (VPMADDUBSW saturation); otherwise no such knob.
     assert default.get("reduce_range", False) is (cpu_has_vnni() is False)
+    # the default strategy then measures whether 8-bit weights saturate, before clipped ranges
+    assert list(space.refinements) == ([{"reduce_range": False}] if cpu_has_vnni() is False else []) + [
+        {"calibrate_method": "Percentile"}]
     # 2 Conv + 2 dense (MatMul or Gemm) nodes; the first and last weighted node lead the list.
     assert len(space.fallback_candidates) == 4
     weighted = prepared.quantizable(("Conv", "MatMul", "Gemm"))
@@ -200,6 +203,17 @@ def test_fallback_one_node(keras3_setup, digits):
     with pytest.raises(ValueError, match="fallback"):
         backend.quantize(prepared, "int8", TrialConfig.make(fallback=["no_such_node"]),
                          DigitsCalibration(x_train[:N_CALIB]))
+
+
+def test_histogram_calibration_takes_a_short_last_batch(keras3_setup, digits):
+    # 45 rows in batches of 20: 20, 20, 5. ORT's histogram calibrators stack each tensor over
+    # all batches and failed on the short one ("inhomogeneous shape"); rows are re-batched by 5.
+    backend, prepared, *_ = keras3_setup
+    x_train, x_test, _, y_test = digits
+    space = backend.search_space(prepared, "int8", "static")
+    config = TrialConfig.make({**dict(space.default().knobs), "calibrate_method": "Percentile"})
+    cand = backend.quantize(prepared, "int8", config, DigitsCalibration(x_train[:45], batch_size=20))
+    assert _accuracy(cand.run, x_test, y_test) > 0.9
 
 
 def test_dynamic_int8(keras3_setup, digits):

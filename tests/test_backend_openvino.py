@@ -18,6 +18,7 @@ from nano_tfx.backends.base import (  # noqa: E402
     CalibrationData,
     TrialConfig,
     backend_class,
+    cpu_has_vnni,
 )
 from nano_tfx.backends.openvino import OpenVINOBackend, OpenVINOCandidate, cpu_capabilities  # noqa: E402
 from nano_tfx.interchange import to_saved_model  # noqa: E402
@@ -142,8 +143,11 @@ def test_search_space(k3):
     backend, prepared, _, _ = k3
     space = backend.search_space(prepared, "int8", "static")
     default = dict(space.default().knobs)
+    no_vnni = cpu_has_vnni() is False
     assert default == {"accuracy_control": True, "preset": "performance", "fast_bias_correction": True,
-                       "subset_size": 300}
+                       "subset_size": 300, "activation_range": "auto", **({"overflow_fix": "auto"} if no_vnni else {})}
+    # what the default strategy tries once fallback paid off: exact ranges, then 8-bit weights here
+    assert list(space.refinements) == [{"activation_range": "minmax"}] + ([{"overflow_fix": "first_layer"}] if no_vnni else [])
     assert list(space.fallback_candidates) == list(prepared.fallback_candidates)
     assert backend.search_space(prepared, "fp16", "static").knobs == {}
 
@@ -156,6 +160,8 @@ def test_int8_default_accuracy(k3, k3_int8, digits):
     assert cand.details["fake_quantize"] > 0 and cand.details["quantized_weights"] == 4
     assert cand.details["calibration_batches"] == 10  # 100 samples / batch 10
     assert cand.details["activation_range"] == "mean_minmax"  # NNCF's default: 10 images per item
+    # 7-bit weights everywhere only where the CPU lacks VNNI (NNCF's default: the first layer)
+    assert cand.details["overflow_fix"] == ("enable" if cpu_has_vnni() is False else "first_layer_only")
     int8_acc = accuracy(cand.run, digits[2], digits[3])
     assert int8_acc >= fp32_acc * 0.99, (int8_acc, fp32_acc)
 
@@ -313,6 +319,8 @@ def test_unsupported_precision_and_approach(k3):
         backend.quantize(prepared, "int8", TrialConfig.make(), None)
     with pytest.raises(ValueError, match="activation_range"):
         backend.quantize(prepared, "int8", TrialConfig.make({"activation_range": "p99"}), DigitsCalibration(np.zeros((10, 8, 8, 1), np.float32)))
+    with pytest.raises(ValueError, match="overflow_fix: expected one of"):
+        backend.quantize(prepared, "int8", TrialConfig.make({"overflow_fix": "on"}), DigitsCalibration(np.zeros((10, 8, 8, 1), np.float32)))
 
 
 def _mlp(features: int, hidden: int):

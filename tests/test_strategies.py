@@ -93,13 +93,38 @@ def test_basic_follows_the_diagnosis(tmp_path):
 
 def test_basic_accumulates_and_rediagnoses_when_a_step_does_not_help(tmp_path):
     seen, report, _ = _run(tmp_path, "basic", _rows("op0", "op1", "op2"), good=("op2",))
-    # op0 doesn't help -> re-diagnosed (same ranking) -> op1 on top -> op2 on top: met
-    assert [c.fallback for c in seen] == [(), ("op0",), ("op0", "op1"), ("op0", "op1", "op2")]
+    # op0 doesn't help -> re-diagnosed (same ranking) -> the next step takes two layers: met
+    assert [c.fallback for c in seen] == [(), ("op0",), ("op0", "op1", "op2")]
     assert [k["name"] for k in report.kept_fp32] == ["op0", "op1", "op2"]
-    # the measured metric gain puts the real culprit first, although the error ranked it last
-    assert [r["name"] for r in report.layers] == ["op2", "op0", "op1"]
-    assert report.layers[0]["metric_gain"] == 0.5 and report.layers[1]["metric_gain"] == 0.0
+    # the measured metric gains put the layers that helped before the one that did not, although
+    # the error ranked it first (a step credits all its layers)
+    assert [r["name"] for r in report.layers] == ["op1", "op2", "op0"]
+    assert report.layers[0]["metric_gain"] == 0.5 and report.layers[2]["metric_gain"] == 0.0
     assert "raised the metric by +0.5" in report.kept_fp32[-1]["reason"]
+
+
+def test_basic_doubles_the_step_while_steps_do_not_help(tmp_path, monkeypatch):
+    ops = tuple(f"op{i}" for i in range(8))
+    monkeypatch.setattr(StubBackend, "search_space", lambda self, *a: SearchSpace({"a": (1, 2)}, ops))
+    seen, _, outcome = _run(tmp_path, "basic", _rows(*ops), good=("op6",))
+    assert [len(c.fallback) for c in seen] == [0, 1, 3, 7]  # steps of 1, 2, 4 layers
+    assert outcome.stop_reason == "criterion met"
+
+
+def test_basic_step_below_noise_does_not_count_as_help(tmp_path):
+    # op0 lifts the metric by less than the allowed drop (0.01): noise, so re-diagnosed and doubled
+    class Tiny(TableRunner):
+        def run(self, job, configs):
+            out = super().run(job, configs)
+            for res in out:
+                if res.config.fallback == ("op0",):
+                    res.metric += 0.005
+            return out
+
+    StubBackend.ranking = _rows("op0", "op1", "op2")
+    runner = Tiny(("op2",))
+    (outcome,) = tune([_job(tmp_path)], Report("stub", "int8"), "basic", Budget(None), runner)
+    assert [c.fallback for c in runner.seen] == [(), ("op0",), ("op0", "op1", "op2")]
 
 
 def test_basic_uses_the_fallback_group(tmp_path):
@@ -110,8 +135,59 @@ def test_basic_uses_the_fallback_group(tmp_path):
 
 
 def test_basic_without_diagnosis_uses_the_space_order(tmp_path):
-    seen, _, outcome = _run(tmp_path, "basic", None, good=("op1",))
-    assert [c.fallback for c in seen] == [(), ("op0",), ("op0", "op1")]
+    seen, _, outcome = _run(tmp_path, "basic", None, good=("op0",))
+    assert [c.fallback for c in seen] == [(), ("op0",)]
+    assert outcome.stop_reason == "criterion met"
+
+
+class RefinedRunner(TableRunner):
+    """Like ``TableRunner``, plus 0.1 when knob ``a`` is 2 (a refinement that pays)."""
+
+    def run(self, job, configs):
+        out = super().run(job, configs)
+        for res in out:
+            if res.config.knob("a") == 2:
+                res.metric = min(res.metric + 0.1, 1.0)
+                res.passed = job.criterion.met(job.baseline, res.metric)
+        return out
+
+
+def _run_refined(tmp_path, refinements, good):
+    global SPACE
+    saved, SPACE = SPACE, SearchSpace({"a": (1, 2), "b": ("x", "y")}, OPS, refinements=refinements)
+    try:
+        StubBackend.ranking = _rows("op0", "op1", "op2")
+        runner = RefinedRunner(good)
+        report = Report("stub", "int8")
+        (outcome,) = tune([_job(tmp_path)], report, "basic", Budget(None), runner)
+    finally:
+        SPACE = saved
+    return runner.seen, report, outcome
+
+
+def test_basic_refines_knobs_once_half_the_loss_is_won_back(tmp_path):
+    # each of op0..op2 lifts the metric by 1/6 (0.5 -> 1.0; the bar is 0.99). After op0 only a
+    # third of the loss is back: another layer. After op1, two thirds: the refinements come, one
+    # per trial (b=y does nothing and is dropped, a=2 adds 0.1 and is kept), then layers on a=2.
+    seen, report, outcome = _run_refined(tmp_path, ({"b": "y"}, {"a": 2}), good=("op0", "op1", "op2"))
+    assert [(dict(c.knobs), c.fallback) for c in seen] == [
+        ({"a": 1, "b": "x"}, ()),
+        ({"a": 1, "b": "x"}, ("op0",)),
+        ({"a": 1, "b": "x"}, ("op0", "op1")),
+        ({"a": 1, "b": "y"}, ("op0", "op1")),
+        ({"a": 2, "b": "x"}, ("op0", "op1")),
+        ({"a": 2, "b": "x"}, ("op0", "op1", "op2")),
+    ]
+    assert outcome.stop_reason == "criterion met"
+    # a gain is only credited against a parent with the same knobs (op2: 1 - 0.933, not 1 - 0.833)
+    gains = {r["name"]: r.get("metric_gain") for r in report.layers}
+    assert gains["op1"] == pytest.approx(0.5 / 3, abs=1e-5) and gains["op2"] == pytest.approx(1 - 0.6 - 1 / 3, abs=1e-5)
+
+
+def test_basic_does_not_refine_before_the_first_fallback_step(tmp_path):
+    # a refinement that alone would meet the criterion still waits for the culprit's step
+    seen, _, outcome = _run_refined(tmp_path, ({"a": 2},), good=("op0",))
+    assert [(dict(c.knobs), c.fallback) for c in seen] == [({"a": 1, "b": "x"}, ()), ({"a": 1, "b": "x"}, ("op0",))]
     assert outcome.stop_reason == "criterion met"
 
 

@@ -18,6 +18,21 @@ import numpy as np
 from nano_tfx.interchange import SavedModelSource
 
 
+def cpu_has_vnni() -> bool | None:
+    """Whether the x86 CPU has VNNI/AMX int8 dot products, from /proc/cpuinfo (Linux); None when
+    unknown. Without them U8S8 int8 kernels sum pairs into saturating int16 (VPMADDUBSW): the
+    backends then default to 7-bit weights and let the tuner try 8-bit ones."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    except OSError:
+        pass
+    return None
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """One point of a backend's search space: global knobs plus ops kept in FP32.
@@ -60,6 +75,11 @@ class SearchSpace:
     fallback_candidates: Sequence[str] = ()
     #: knob values the sensitivity-guided default strategy uses instead of the defaults
     guided: Mapping[str, Any] = field(default_factory=dict)
+    #: knob changes, most promising first, that the default strategy tries on top of its best
+    #: config once falling layers back has paid off: after the culprit layers, what is left is
+    #: the error every layer adds a little of, which a finer setting (8-bit weights, exact
+    #: activation ranges) removes everywhere at once and a further FP32 layer only locally
+    refinements: Sequence[Mapping[str, Any]] = ()
 
     def default(self) -> TrialConfig:
         return TrialConfig.make({k: v[0] for k, v in self.knobs.items() if v})

@@ -59,9 +59,20 @@ class BasicStrategy(Strategy):
     """Sensitivity-guided fallback (the default). The fully quantized default first; when it
     misses, the tuner diagnoses it (``Backend.diagnose``) and hands the ranking over with
     ``set_ranking``; then the worst layer goes to FP32, then the next one on top, cumulatively.
-    When a step does not raise the score, the tuner re-diagnoses the latest trial and the
-    remaining layers are re-ranked. Without a ranking (a backend that can't diagnose) the
-    space's own fallback order is used. Knob variants come last.
+    Unless a step won back half of the remaining loss (the criterion's bound: ``set_target``),
+    the tuner re-diagnoses it and the remaining layers are re-ranked. The next step takes
+    twice as many layers after a step that did not help or won back less than a quarter of the
+    remaining loss (1, 2, 4...: error spread over many layers, or culprits that only count
+    together, are not found one layer per trial), one again after a step that won back half.
+    Without a ranking (a backend that can't diagnose) the space's own fallback order is used.
+
+    Once the steps have won back half of what full INT8 lost, what is left is the error every
+    layer adds a little of, which a finer setting (8-bit weights, exact activation ranges)
+    removes everywhere at once and a further FP32 layer only locally: the space's
+    ``refinements`` are then tried on top of the best config, one per trial; one that helps is
+    kept (later steps build on the best config), one that does not is dropped. Not before: with
+    the culprit still quantized, exact ranges can wipe a whole layer (1000x outlier channel).
+    The remaining single-knob variants come last.
 
     ``SearchSpace.guided`` knob values replace the defaults for this strategy (OpenVINO turns
     NNCF's in-trial accuracy control off: the shared ranking replaces it)."""
@@ -74,6 +85,16 @@ class BasicStrategy(Strategy):
         self.diagnosed: set[str] = set()
         self.reasons: dict[str, dict] = {}
         self.groups: dict[str, list[str]] = {}  # layer -> fallback names that remove its error
+        self.refined: set[str] = set()  # keys of refinement trials (never diagnosed)
+        self._refinements_left = [dict(r) for r in space.refinements]
+        self.target: float | None = None  # the criterion's bound, in score units
+        self.noise = 0.0  # a gain at or below it is not evidence that a step helped
+        self._step = 1  # layers per fallback step
+        self._sized: int = 0  # history length when ``_step`` was last updated
+
+    def set_target(self, target: float, noise: float) -> None:
+        """The score that meets the criterion, and the gain below which a step did not help."""
+        self.target, self.noise = float(target), max(float(noise), 0.0)
 
     def base_knobs(self) -> dict:
         return {**dict(self.space.default().knobs), **dict(self.space.guided)}
@@ -83,13 +104,28 @@ class BasicStrategy(Strategy):
         if not history:
             return None
         last, score = history[-1]
-        if last.key() in self.diagnosed:
-            return None
+        if last.key() in self.diagnosed or last.key() in self.refined:
+            return None  # a refinement changes every layer a little: the ranking stands
         if self.ranking is None:
             return last
+        # A step that won back half the loss leaves a ranking worth following. After a smaller
+        # one the ranking is stale: behind a layer that wrecks the signal every later layer
+        # looks bad, and only a fresh diagnosis shows which one is next.
+        return None if self._won_back(history) >= 0.5 else last
+
+    def _improved(self, history: History) -> bool:
+        """The latest trial raised the best score by more than noise (the first trial, or the
+        first one that scored at all, has nothing to beat)."""
+        score = history[-1][1]
         previous = [s for _, s in history[:-1] if s is not None]
-        helped = score is not None and (not previous or score > max(previous))
-        return None if helped else last
+        return score is not None and (not previous or score > max(previous) + self.noise)
+
+    def _recovered(self, history: History, best: float) -> bool:
+        """The best score has won back at least half of what the first trial lost."""
+        first = history[0][1]
+        if first is None or self.target is None:
+            return True  # full INT8 failed or collapsed: anything that scores is a recovery
+        return best - first >= 0.5 * (self.target - first)
 
     def set_ranking(self, config: TrialConfig, layers: list[dict] | None) -> None:
         """Layers of ``config``'s candidate, worst first (None: diagnosis unavailable)."""
@@ -105,26 +141,78 @@ class BasicStrategy(Strategy):
         ranked = [r["name"] for r in layers if r["name"] in allowed]
         self.ranking = ranked + [n for n in self.space.fallback_candidates if n not in ranked]
 
+    def _refinement(self, history: History, best: tuple[TrialConfig, float]) -> TrialConfig | None:
+        """The next refinement on top of the best config, when its time has come."""
+        if len(history) < 2 or not self._refinements_left or not self._recovered(history, best[1]):
+            return None
+        if history[-1][0].key() not in self.refined and not self._improved(history):
+            return None  # after a fallback step, only one that paid off
+        knobs = dict(best[0].knobs)
+        while self._refinements_left:
+            change = self._refinements_left.pop(0)
+            if all(knobs.get(k) == v for k, v in change.items()):
+                continue  # already in effect
+            cfg = TrialConfig.make({**knobs, **change}, best[0].fallback)
+            if cfg.key() not in self.tried:
+                self.refined.add(cfg.key())
+                return cfg
+        return None
+
+    def _step_size(self, history: History) -> int:
+        """Layers the next fallback step takes: doubled after a step that did not help or won back
+        less than a quarter of the remaining loss (slow progress: the error is spread over many
+        layers), back to 1 after one that won back half or more."""
+        if len(history) > max(self._sized, 1):
+            self._sized = len(history)
+            last = history[-1][0]
+            if last.fallback and last.key() not in self.refined:
+                self._step = self._next_step(history)
+        return self._step
+
+    def _won_back(self, history: History) -> float:
+        """Share of the remaining loss (best before it -> target) the latest trial won back: 0
+        when it did not help beyond noise, 1 when nothing tells (no target, nothing before)."""
+        if not self._improved(history):
+            return 0.0
+        score = history[-1][1]
+        previous = [s for _, s in history[:-1] if s is not None]
+        if self.target is None or not previous or self.target <= max(previous):
+            return 1.0
+        return (score - max(previous)) / (self.target - max(previous))
+
+    def _next_step(self, history: History) -> int:
+        won_back = self._won_back(history)
+        return 1 if won_back >= 0.5 else self._step * 2 if won_back < 0.25 else self._step
+
     def _candidates(self, history: History) -> Iterator[TrialConfig]:
         base = self.base_knobs()
         yield TrialConfig.make(base)
+        allowed = set(self.space.fallback_candidates)
         while self.ranking is not None:
-            best = self._best(history)
-            current = set(history[-1][0].fallback) if history else set()
-            if best is not None:
-                current |= set(best[0].fallback)
-            nxt = next((n for n in self.ranking if n not in current), None)
-            if nxt is None:
+            scored = self._best(history)
+            best = scored[0] if scored else TrialConfig.make(base)
+            refined = self._refinement(history, scored) if scored else None
+            if refined is not None:
+                yield refined
+                continue
+            current = set(best.fallback)
+            if history:
+                current |= set(history[-1][0].fallback)
+            step: set[str] = set()
+            for name in self.ranking:
+                if len(step) >= self._step_size(history):
+                    break
+                if name not in current and name not in step:
+                    step |= {n for n in self.groups.get(name, [name]) if n in allowed} | {name}
+            if not step:
                 break
-            allowed = set(self.space.fallback_candidates)
-            group = {n for n in self.groups.get(nxt, [nxt]) if n in allowed} | {nxt}
-            cfg = TrialConfig.make(base, sorted(current | group))
+            cfg = TrialConfig.make(dict(best.knobs), sorted(current | step))
             if cfg.key() in self.tried:
                 break
             yield cfg
-        best = self._best(history)
+        scored = self._best(history)
         for cfg in self._knob_variants():
-            yield TrialConfig.make(dict(cfg.knobs), best[0].fallback if best else ())
+            yield TrialConfig.make(dict(cfg.knobs), scored[0].fallback if scored else ())
 
 
 class OneByOneStrategy(Strategy):

@@ -152,6 +152,12 @@ def _open(state: _State, strategy: str | None, report: Report, strict: bool) -> 
     state.use_mse = (strategy or "").lower() == "mse"
     job.want_mse = state.use_mse and job.evaluation is not None
     state.strategy = make_strategy(strategy, space)
+    aim = getattr(state.strategy, "set_target", None)
+    if aim is not None and state.controlled and not state.use_mse:
+        bound = job.criterion.bound(job.baseline)
+        hib = job.criterion.higher_is_better
+        # in score units (higher is better); the allowed drop doubles as the noise floor of a step
+        aim(bound if hib else -bound, abs(job.baseline - bound))
     return True
 
 
@@ -241,12 +247,13 @@ def _metric_gains(state: _State) -> dict[str, float]:
     score difference, NNCF-style ranking by measured harm. Metric units, higher is better."""
     if state.use_mse or not state.controlled:
         return {}
-    scored = [(set(cfg.fallback), score) for cfg, score in state.history if score is not None]
+    # only a parent with the same knobs isolates the layers' effect (refinements change knobs)
+    scored = [(cfg.knobs, set(cfg.fallback), score) for cfg, score in state.history if score is not None]
     gains: dict[str, float] = {}
-    for i, (fallback, score) in enumerate(scored):
+    for i, (knobs, fallback, score) in enumerate(scored):
         if not fallback:
             continue
-        parents = [(fb, sc) for fb, sc in scored[:i] if fb < fallback]
+        parents = [(fb, sc) for kn, fb, sc in scored[:i] if kn == knobs and fb < fallback]
         if not parents:
             continue
         parent_fb, parent_score = max(parents, key=lambda p: len(p[0]))

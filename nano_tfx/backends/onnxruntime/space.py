@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from nano_tfx.backends.base import cpu_has_vnni  # noqa: F401 - re-exported (ONNX Runtime's knob)
+
 
 DEFAULT_OPSET = 17
 _OPSET_RANGE = (13, 17)
@@ -23,19 +25,6 @@ KNOBS = {
     "dynamic": {"approach", "per_channel", "weight_type", "quantize_conv", "reduce_range"},
     "fp16": set(),
 }
-
-def cpu_has_vnni() -> bool | None:
-    """True/False from /proc/cpuinfo on x86 Linux; None when unknown (then no extra knob)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    except OSError:
-        pass
-    return None
-
 
 def _order_by_sensitivity(names: list[str], spread: Mapping[str, float]) -> list[str]:
     """First and last weighted node first (classic sensitive layers), then by weight spread."""

@@ -40,6 +40,7 @@ from nano_tfx.backends.base import (
     Candidate,
     SearchSpace,
     TrialConfig,
+    cpu_has_vnni,
     register,
 )
 from nano_tfx.backends.openvino.convert import (
@@ -52,8 +53,10 @@ _LOG = logging.getLogger("nano_tfx.backends.openvino")
 
 MODEL_XML = "model.xml"
 MODEL_BIN = "model.bin"
-_INT8_KNOBS = ("accuracy_control", "preset", "fast_bias_correction", "subset_size", "model_type", "activation_range")
+_INT8_KNOBS = ("accuracy_control", "preset", "fast_bias_correction", "subset_size", "model_type", "activation_range",
+               "overflow_fix")
 _ACTIVATION_RANGES = ("auto", "minmax", "mean_minmax")
+_OVERFLOW_FIXES = ("auto", "enable", "first_layer", "disable")
 # Below this many values per calibration item in some quantized activation, NNCF's default
 # per-tensor range (the *mean* over items of each item's min/max) is no longer an estimate of
 # the tensor's range (see _activation_range): E[max of 32 N(0,1) draws] is already only ~2 sd.
@@ -340,13 +343,25 @@ class OpenVINOBackend(Backend):
             "fast_bias_correction": (True, False),
             # samples (capped by calibration.num_samples); NNCF's default first.
             "subset_size": (300, 1000),
+            # per-tensor activation ranges: "auto" picks NNCF's mean of per-item min/max unless
+            # activations are tiny (see _activation_range); minmax keeps heavy tails unclipped.
+            "activation_range": _ACTIVATION_RANGES,
         }
+        refinements: list[dict] = [{"activation_range": "minmax"}]
+        if cpu_has_vnni() is False:
+            # "auto" = 7-bit weights everywhere here (see _advanced_parameters); NNCF's default
+            # (first layer only) gives 8-bit weights, better unless the int16 sums saturate.
+            knobs["overflow_fix"] = ("auto", "first_layer")
+            refinements.append({"overflow_fix": "first_layer"})
         if prepared.has_attention:
             knobs["model_type"] = (None, "transformer")
         # Decision (issue 12): the default strategy's shared, diagnosis-driven ranking replaces
         # NNCF's in-trial accuracy control (which re-evaluates the metric once per reverted
         # group); the knob stays in the space for exhaustive/random/bayesian and explicit use.
-        return SearchSpace(knobs, prepared.fallback_candidates, guided={"accuracy_control": False})
+        # Measured on the 24-layer planted MLP (AVX2, culprit in FP32): top-1 0.799 with the
+        # defaults, 0.889 with minmax ranges, 0.907 adding 8-bit weights (FP32: 0.901).
+        return SearchSpace(knobs, prepared.fallback_candidates, guided={"accuracy_control": False},
+                           refinements=refinements)
 
     def quantize(
         self,
@@ -396,6 +411,9 @@ class OpenVINOBackend(Backend):
         activation_range = knobs.get("activation_range", "auto")
         if activation_range not in _ACTIVATION_RANGES:
             raise ValueError(f"activation_range: expected one of {list(_ACTIVATION_RANGES)}, got {activation_range!r}")
+        overflow_fix = knobs.get("overflow_fix", "auto")
+        if overflow_fix not in _OVERFLOW_FIXES:
+            raise ValueError(f"overflow_fix: expected one of {list(_OVERFLOW_FIXES)}, got {overflow_fix!r}")
 
         # NNCF counts dataset *items* (our batches): samples → batches.
         batch = max(int(getattr(calibration, "batch_size", 1) or 1), 1)
@@ -419,7 +437,7 @@ class OpenVINOBackend(Backend):
         model = prepared.model()
         if activation_range == "auto":
             activation_range = _activation_range(model, batch)
-        advanced = _advanced_parameters(activation_range)
+        advanced = _advanced_parameters(activation_range, overflow_fix)
         if use_ac:
             val_ds, validation_fn = self._validation(accuracy, calibration, src.output_names)
             drop_type = nncf.DropType.RELATIVE if accuracy.drop_type == "relative" else nncf.DropType.ABSOLUTE
@@ -439,6 +457,7 @@ class OpenVINOBackend(Backend):
             "accuracy_control": use_ac,
             "calibration_batches": iterations,
             "activation_range": activation_range,
+            "overflow_fix": str(advanced.overflow_fix.value),
             "fake_quantize": _count_type(quantized, "FakeQuantize"),
             "quantized_weights": sum(
                 1 for op in quantized.get_ops()
@@ -547,19 +566,23 @@ def _per_sample_size(shape) -> int | None:
     return int(np.prod([d.get_length() for d in dims])) if dims else 1
 
 
-def _advanced_parameters(activation_range: str = "mean_minmax"):
+def _advanced_parameters(activation_range: str = "mean_minmax", overflow_fix: str = "auto"):
     """``activation_range``: see ``_activation_range``.
 
-    7-bit weights on every layer (NNCF ``overflow_fix='enable'``, default: first layer only)
-    on x86 CPUs without VNNI: their U8S8 kernels sum int8 pairs into saturating int16
-    (VPMADDUBSW) - the same reason the ONNX Runtime backend defaults to ``reduce_range`` there.
-    Measured on the planted deep MLP (AVX2): planted layer in FP32, 0.956 -> 0.960 top-1."""
+    ``overflow_fix="auto"``: 7-bit weights on every layer (NNCF ``overflow_fix='enable'``,
+    default: first layer only) on x86 CPUs without VNNI: their U8S8 kernels sum int8 pairs into
+    saturating int16 (VPMADDUBSW) - the same reason the ONNX Runtime backend defaults to
+    ``reduce_range`` there. Whether it pays depends on the model (planted MLPs, culprit in FP32,
+    top-1 with 7-bit vs 8-bit weights: 12 layers 0.960 vs 0.956, 24 layers with minmax ranges
+    0.889 vs 0.907), so the default strategy also tries 8-bit weights (``refinements``)."""
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    from nano_tfx.backends.onnxruntime.space import cpu_has_vnni  # a /proc/cpuinfo read, no ORT
-
-    fix = OverflowFix.ENABLE if cpu_has_vnni() is False else OverflowFix.FIRST_LAYER
+    if overflow_fix == "auto":
+        fix = OverflowFix.ENABLE if cpu_has_vnni() is False else OverflowFix.FIRST_LAYER
+    else:
+        fix = {"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER,
+               "disable": OverflowFix.DISABLE}[overflow_fix]
     # MINMAX is what NNCF itself uses for weights and per-channel activations; None = its default.
     ranges = RangeEstimatorParametersSet.MINMAX if activation_range == "minmax" else None
     return AdvancedQuantizationParameters(overflow_fix=fix, activations_range_estimator_params=ranges)
