@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="diagnosis_bench.json")
     ap.add_argument("--strategies", default="new basic,old basic,nncf_ac",
                     help="rows to run (comma-separated): new basic, old basic, nncf_ac")
+    ap.add_argument("--old-cap", type=int, default=None,
+                    help="max_trials of the old-basic rows (default: 20 with --quick, else 80)")
     ap.add_argument("--diagnosis-time", action="store_true",
                     help="only time one diagnosis of a full-size MobileNetV2 per backend")
     ap.add_argument("--diagnosis-size", type=int, default=96, help="input size for --diagnosis-time (224: ImageNet)")
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
     if "mobilenet" in args.models:
         m, up = planted.small_mobilenet(keras, data, epochs=2 if args.quick else 4)
         models["MobileNetV2-style (digits 32x32)"] = (m, up)
-    old_cap = 20 if args.quick else 80
+    old_cap = args.old_cap or (20 if args.quick else 80)
     wanted = {x.strip() for x in args.strategies.split(",")}
     rows = []
     for mname, (model, mdata) in models.items():

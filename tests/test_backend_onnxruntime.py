@@ -207,13 +207,18 @@ def test_fallback_one_node(keras3_setup, digits):
 
 def test_histogram_calibration_takes_a_short_last_batch(keras3_setup, digits):
     # 45 rows in batches of 20: 20, 20, 5. ORT's histogram calibrators stack each tensor over
-    # all batches and failed on the short one ("inhomogeneous shape"); rows are re-batched by 5.
+    # all batches and failed on the short one ("inhomogeneous shape"); it is padded with its rows.
     backend, prepared, *_ = keras3_setup
     x_train, x_test, _, y_test = digits
     space = backend.search_space(prepared, "int8", "static")
     config = TrialConfig.make({**dict(space.default().knobs), "calibrate_method": "Percentile"})
     cand = backend.quantize(prepared, "int8", config, DigitsCalibration(x_train[:45], batch_size=20))
     assert _accuracy(cand.run, x_test, y_test) > 0.9
+    from nano_tfx.backends.onnxruntime.quantize import _uniform_batches
+
+    a = np.arange(5.0)[:, None]
+    padded = _uniform_batches([{"x": np.zeros((3, 1))}, {"x": a[:2]}])
+    assert [b["x"][:, 0].tolist() for b in padded] == [[0, 0, 0], [0.0, 1.0, 0.0]]
 
 
 def test_dynamic_int8(keras3_setup, digits):
