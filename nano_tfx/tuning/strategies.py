@@ -89,8 +89,6 @@ class BasicStrategy(Strategy):
         self._refinements_left = [dict(r) for r in space.refinements]
         self.target: float | None = None  # the criterion's bound, in score units
         self.noise = 0.0  # a gain at or below it is not evidence that a step helped
-        self._step = 1  # layers per fallback step
-        self._sized: int = 0  # history length when ``_step`` was last updated
 
     def set_target(self, target: float, noise: float) -> None:
         """The score that meets the criterion, and the gain below which a step did not help."""
@@ -113,12 +111,16 @@ class BasicStrategy(Strategy):
         # looks bad, and only a fresh diagnosis shows which one is next.
         return None if self._won_back(history) >= 0.5 else last
 
+    @staticmethod
+    def _best_before(history: History) -> float | None:
+        """The best score before the latest trial (None: nothing scored before it)."""
+        return max((s for _, s in history[:-1] if s is not None), default=None)
+
     def _improved(self, history: History) -> bool:
         """The latest trial raised the best score by more than noise (the first trial, or the
         first one that scored at all, has nothing to beat)."""
-        score = history[-1][1]
-        previous = [s for _, s in history[:-1] if s is not None]
-        return score is not None and (not previous or score > max(previous) + self.noise)
+        score, before = history[-1][1], self._best_before(history)
+        return score is not None and (before is None or score > before + self.noise)
 
     def _recovered(self, history: History, best: float) -> bool:
         """The best score has won back at least half of what the first trial lost."""
@@ -159,30 +161,27 @@ class BasicStrategy(Strategy):
         return None
 
     def _step_size(self, history: History) -> int:
-        """Layers the next fallback step takes: doubled after a step that did not help or won back
-        less than a quarter of the remaining loss (slow progress: the error is spread over many
-        layers), back to 1 after one that won back half or more."""
-        if len(history) > max(self._sized, 1):
-            self._sized = len(history)
-            last = history[-1][0]
-            if last.fallback and last.key() not in self.refined:
-                self._step = self._next_step(history)
-        return self._step
+        """Layers the next fallback step takes, replayed from the history's fallback steps:
+        doubled after a step that did not help or won back less than a quarter of the remaining
+        loss (slow progress: the error is spread over many layers), back to 1 after one that won
+        back half or more."""
+        step = 1
+        for i in range(1, len(history)):
+            cfg = history[i][0]
+            if cfg.fallback and cfg.key() not in self.refined:
+                won_back = self._won_back(history[:i + 1])
+                step = 1 if won_back >= 0.5 else step * 2 if won_back < 0.25 else step
+        return step
 
     def _won_back(self, history: History) -> float:
         """Share of the remaining loss (best before it -> target) the latest trial won back: 0
         when it did not help beyond noise, 1 when nothing tells (no target, nothing before)."""
         if not self._improved(history):
             return 0.0
-        score = history[-1][1]
-        previous = [s for _, s in history[:-1] if s is not None]
-        if self.target is None or not previous or self.target <= max(previous):
+        before = self._best_before(history)
+        if self.target is None or before is None or self.target <= before:
             return 1.0
-        return (score - max(previous)) / (self.target - max(previous))
-
-    def _next_step(self, history: History) -> int:
-        won_back = self._won_back(history)
-        return 1 if won_back >= 0.5 else self._step * 2 if won_back < 0.25 else self._step
+        return (history[-1][1] - before) / (self.target - before)
 
     def _candidates(self, history: History) -> Iterator[TrialConfig]:
         base = self.base_knobs()
@@ -198,9 +197,9 @@ class BasicStrategy(Strategy):
             current = set(best.fallback)
             if history:
                 current |= set(history[-1][0].fallback)
-            step: set[str] = set()
+            size, step = self._step_size(history), set()
             for name in self.ranking:
-                if len(step) >= self._step_size(history):
+                if len(step) >= size:
                     break
                 if name not in current and name not in step:
                     step |= {n for n in self.groups.get(name, [name]) if n in allowed} | {name}

@@ -580,9 +580,8 @@ def _advanced_parameters(activation_range: str = "mean_minmax", overflow_fix: st
 
     if overflow_fix == "auto":
         fix = OverflowFix.ENABLE if cpu_has_vnni() is False else OverflowFix.FIRST_LAYER
-    else:
-        fix = {"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER,
-               "disable": OverflowFix.DISABLE}[overflow_fix]
+    else:  # the knob's values are NNCF's member names in lower case
+        fix = OverflowFix[overflow_fix.upper()]
     # MINMAX is what NNCF itself uses for weights and per-channel activations; None = its default.
     ranges = RangeEstimatorParametersSet.MINMAX if activation_range == "minmax" else None
     return AdvancedQuantizationParameters(overflow_fix=fix, activations_range_estimator_params=ranges)
