@@ -20,10 +20,11 @@ from nano_tfx.data import SpooledSource, make_batches
 from nano_tfx.errors import AccuracyCriterionNotMet, SpeedupNotMet
 from nano_tfx.interchange import SavedModelSource, to_saved_model
 from nano_tfx.metrics import check_metric_value, make_evaluator
+from nano_tfx.progress import ProgressLine, TrialHook, as_hooks
 from nano_tfx.report import Report
 from nano_tfx.result import QuantizedModel
-from nano_tfx.speed import check_min_speedup, side_by_side
-from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialRunner
+from nano_tfx.speed import DEFAULT_BUDGET_S, check_min_speedup, side_by_side
+from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialRunner, job_diagnoser
 from nano_tfx.tuning.strategies import PUBLIC_STRATEGIES, STRATEGIES
 from nano_tfx.tuning.tuner import Budget, tune
 
@@ -220,6 +221,8 @@ def quantize(
     previous_report: Report | str | None = None,
     workdir: str | None = None,
     min_speedup: float | None = None,
+    verbose: int = 0,
+    on_trial_end: TrialHook | Sequence[TrialHook] | None = None,
 ) -> QuantizedModel:
     """Quantize a Keras model (Keras 3 or tf_keras) or a SavedModel directory.
 
@@ -236,7 +239,19 @@ def quantize(
     (with ``accelerator='auto'`` the bar applies to the chosen, fastest model), and the result
     is confirmed side by side; when it is missed ``SpeedupNotMet`` (an ``AccuracyCriterionNotMet``)
     is raised with the model and report.
+
+    ``timeout`` (seconds, 0 = none) bounds the whole call: the first trial always runs; after it
+    no trial starts whose expected duration (from this backend's earlier trials in the call, or
+    its preparation time) would end past the deadline (see ``nano_tfx.tuning.tuner``).
+
+    Progress: ``verbose=1`` writes one line per trial to stdout (backend, config, metric, speed,
+    seconds); ``on_trial_end`` takes your own hook(s), called with each trial's ``TrialRecord``
+    as soon as it is judged.
     """
+    if isinstance(verbose, bool) or not isinstance(verbose, int) or verbose < 0:
+        raise ValueError(f"verbose: expected 0 or 1, got {verbose!r}")
+    hooks = ([ProgressLine(max_trials=max_trials if isinstance(max_trials, int) else None)] if verbose else [])
+    hooks += as_hooks(on_trial_end)
     evaluator = make_evaluator(metric, eval_func)
     request = QuantizationRequest.from_kwargs(
         has_metric=evaluator is not None, precision=precision, accelerator=accelerator, approach=approach,
@@ -260,7 +275,7 @@ def quantize(
     try:
         return _quantize(model, request, pairs, calib_dataset if calib_dataset is not None else x, y,
                          evaluator, eval_dataset, inputs, outputs, input_spec, signature_name, baseline,
-                         trial_runner, previous_report, workdir, own_workdir, logging)
+                         trial_runner, previous_report, workdir, own_workdir, logging, hooks)
     except BaseException as err:
         # A missed bar hands back its best model, whose trial files live in ``workdir``: that
         # model owns the folder now (removed when it is garbage-collected), so keep it.
@@ -271,7 +286,7 @@ def quantize(
 
 
 def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, outputs, input_spec,
-              signature_name, baseline, trial_runner, previous_report, workdir, own_workdir, logging):
+              signature_name, baseline, trial_runner, previous_report, workdir, own_workdir, logging, hooks):
     started = time.perf_counter()
     source = _select_outputs(to_saved_model(model, workdir, input_spec, signature_name, inputs), outputs)
     calib = None
@@ -328,19 +343,20 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     ]
     budget = Budget(request.max_trials, request.timeout, started=started)
     outcomes = tune(jobs, report, request.tuning_strategy, budget, trial_runner or LocalRunner(),
-                    previous_report, strict=not auto)
+                    previous_report, strict=not auto, hooks=hooks)
     if logging:
         log.info("nano-tfx: trials\n%s", report.table())
 
     finalists = [o for o in outcomes if o.chosen is not None and o.candidate is not None]
     fallback = None if finalists else _best_of(outcomes, request.criterion)
-    chosen_outcome = _fastest(finalists, fallback, report, reference, timing_inputs, request.batch or 32)
+    chosen_outcome = _fastest(finalists, fallback, report, reference, timing_inputs, request.batch or 32,
+                              _timing_budget_s(budget))
     report.min_speedup = request.min_speedup
     too_slow = _too_slow(report, request, chosen_outcome, baseline)
     if chosen_outcome is not None and too_slow:
         report.stop_reason = f"min_speedup={request.min_speedup:g} not met ({report.speed_summary()})"
         fallback, chosen_outcome = chosen_outcome, None
-    report.seconds = round(time.perf_counter() - started, 3)
+    report.seconds = time.perf_counter() - started
     controlled = evaluator is not None
     report.met = (chosen_outcome is not None) if controlled or request.min_speedup else None
     if chosen_outcome is not None:
@@ -353,12 +369,13 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
         failed = [t for t in report.trials if t.failed]
         detail = "; ".join(f"{t.backend}/{t.precision}: {t.error}" for t in failed[-3:]) or report.stop_reason
         raise RuntimeError(f"quantization failed ({'every backend' if auto else pairs[0][0]}): {detail}")
+    _record_coverage(report, final)
     result = QuantizedModel(
         final.candidate, source, report=report,
         config=(final.chosen or final.best).config, backend=final.job.backend,
         workdir=workdir if own_workdir else None,
     )
-    result._job = final.job  # what QuantizedModel.diagnose needs (backend, options, FP32 source)
+    result._diagnoser = job_diagnoser(final.job)  # what QuantizedModel.diagnose needs
     loss, metrics = _compile_info(model) if not isinstance(model, (str, os.PathLike)) else (None, [])
     try:
         result.compile(loss=loss, metrics=metrics)
@@ -369,6 +386,15 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     if controlled and chosen_outcome is None:
         raise AccuracyCriterionNotMet(result, report)
     return result
+
+
+def _record_coverage(report: Report, final: Any) -> None:
+    """The returned model's INT8 coverage and precision into the report: its trial's record
+    (chosen, or the best one returned without meeting the criterion)."""
+    index = final.chosen_index if final.chosen is not None else final.best_index
+    trial = report.trials[index] if index is not None else None
+    report.int8_ops = trial.int8_ops if trial is not None else None
+    report.result_precision = final.job.precision
 
 
 def measure_baseline(evaluator: Any, source: SavedModelSource, evaluation: Any,
@@ -405,8 +431,18 @@ def _timing_inputs(calib: Any, evaluation: Any) -> list | None:
     return None
 
 
+MIN_TIMING_S = 0.3
+
+
+def _timing_budget_s(budget: Budget) -> float:
+    """The final side-by-side timing's seconds: the default, shrunk to what ``timeout`` leaves
+    (never below a floor that still gives a few rounds: the returned model's speed is reported)."""
+    left = budget.seconds_left()
+    return DEFAULT_BUDGET_S if left is None else min(DEFAULT_BUDGET_S, max(MIN_TIMING_S, left))
+
+
 def _fastest(finalists: list, fallback: Any, report: Report, reference: QuantizedModel,
-             inputs: list | None, batch: int) -> Any:
+             inputs: list | None, batch: int, budget_s: float = DEFAULT_BUDGET_S) -> Any:
     """Time FP32 and the finalists (or, none passing, the model returned anyway) side by side;
     the fastest finalist is chosen (``accelerator='auto'``) and ``report`` gets the speed.
 
@@ -423,14 +459,14 @@ def _fastest(finalists: list, fallback: Any, report: Report, reference: Quantize
 
     runs = {"fp32": reference.run}
     runs.update({f"trial {index(o)}": QuantizedModel(o.candidate, reference).run for o in timed})
-    speed = side_by_side(runs, inputs, batch=batch)
+    speed = side_by_side(runs, inputs, batch=batch, budget_s=budget_s)
     report.side_by_side = speed.to_dict()
-    report.fp32_latency_ms = round(speed.b1_ms["fp32"], 4)
+    report.fp32_latency_ms = speed.b1_ms["fp32"]
     if len(finalists) > 1:
-        report.selection_latency_ms = {o.chosen_index: round(speed.b1_ms[f"trial {o.chosen_index}"], 4)
+        report.selection_latency_ms = {o.chosen_index: speed.b1_ms[f"trial {o.chosen_index}"]
                                        for o in finalists}
     pick = min(timed, key=lambda o: speed.b1_ms[f"trial {index(o)}"])
-    report.speedup = round(speed.speedup("fp32", f"trial {index(pick)}"), 4)
+    report.speedup = speed.speedup("fp32", f"trial {index(pick)}")
     return pick if finalists else None
 
 

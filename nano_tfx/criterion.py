@@ -68,3 +68,23 @@ class AccuracyCriterion:
 
     def to_dict(self) -> dict:
         return {self.drop_type: self.max_drop, "higher_is_better": self.higher_is_better}
+
+    def describe(self) -> str:
+        """What a person reads: "≤ 1 % relative drop", "≤ 0.03 absolute drop" ("rise" when lower
+        is better: the allowed move is then upwards)."""
+        if self.drop_type == "relative":
+            amount = f"{self.max_drop * 100:.4g} % relative"
+        else:
+            amount = f"{self.max_drop:.4g} absolute"
+        return f"≤ {amount} {'drop' if self.higher_is_better else 'rise'}"
+
+
+def describe_criterion(value: Mapping[str, Any] | AccuracyCriterion | None) -> str:
+    """``AccuracyCriterion.describe`` of a criterion dict (as reports store it); never raises,
+    since it only words what a report already holds."""
+    if value is None:
+        return "no accuracy criterion"
+    try:
+        return AccuracyCriterion.parse(value).describe()
+    except ValueError:
+        return str(value)

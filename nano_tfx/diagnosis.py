@@ -152,19 +152,41 @@ def rank(rows: Iterable[dict]) -> list[dict]:
 
 
 def rank_by_harm(rows: Iterable[dict], min_gain: float = 0.0) -> list[dict]:
-    """Layers whose FP32 fallback measurably raised the metric first (largest ``metric_gain``,
-    NNCF's criterion), then the rest in error order (``rank``).
+    """Worst first by what the tuner measured (NNCF's criterion), by error where it measured nothing:
 
-    ``min_gain``: a gain at or below it is evaluation noise (the tuner passes twice the drop the
-    criterion allows), so it does not lift a layer above the error ranking."""
-    rows = list(rows)
+    1. ``rescued``: the layer's fallback step turned a collapsed or failed trial into one that
+       scores (no gain can be measured against no metric, and none weighs more);
+    2. the layer's share of its step's gain (``metric_gain / step_layers``: one step's gain is
+       not each of its layers') above ``min_gain``: the step's gain, largest first;
+    3. a positive share at or below it: evaluation noise, so the gain does not order these, the
+       order of ``rows`` does (the tuner's: the order its strategy picked the layers, from the
+       diagnosis fresh at each step);
+    4. layers without a measurement, in error order (``rank``);
+    5. layers whose fallback did not raise the metric, in error order.
+
+    Equal standing keeps the order of ``rows``. ``min_gain``: the tuner passes twice the drop the
+    criterion allows."""
     floor = max(float(min_gain), 0.0)
+    tiers: tuple[list[dict], ...] = ([], [], [], [], [])
+    for row in rows:
+        tiers[_harm_tier(row, floor)].append(row)
+    return tiers[0] + sorted(tiers[1], key=lambda r: -r["metric_gain"]) + tiers[2] + rank(tiers[3]) + rank(tiers[4])
 
-    def harmful(r: dict) -> bool:
-        return (r.get("metric_gain") or 0.0) > floor
 
-    helped = sorted((r for r in rows if harmful(r)), key=lambda r: -r["metric_gain"])
-    return helped + rank(r for r in rows if not harmful(r))
+def _harm_tier(row: Mapping, floor: float) -> int:
+    """0 rescued, 1 share above the noise floor, 2 positive share, 3 not measured, 4 no gain."""
+    if row.get("rescued"):
+        return 0
+    share = _gain_share(row)
+    if share is None:
+        return 3
+    return 1 if share > floor else 2 if share > 0 else 4
+
+
+def _gain_share(row: Mapping) -> float | None:
+    """The layer's share of its fallback step's metric gain (None: not measured)."""
+    gain = row.get("metric_gain")
+    return None if gain is None else float(gain) / max(int(row.get("step_layers") or 1), 1)
 
 
 class Batches(CalibrationData):
@@ -207,7 +229,8 @@ def format_table(layers: Sequence[Mapping], top: int | None = None) -> str:
 
         rows.append([str(i), str(r.get("name")), str(r.get("op") or ""), f(r.get("sqnr_db"), "{:.1f}"),
                      f(r.get("drop_db"), "{:.1f}"), f(r.get("mse")), f(r.get("added_mse")), f(r.get("own_error")),
-                     f(r.get("metric_gain"), "{:+.4g}"), f(r.get("fp32_min")), f(r.get("fp32_max")),
+                     "rescued" if r.get("rescued") else f(r.get("metric_gain"), "{:+.4g}"),
+                     f(r.get("fp32_min")), f(r.get("fp32_max")),
                      f(r.get("outlier_ratio"), "{:.1f}"), f(r.get("range_ratio"), "{:.0f}")])
     head = "| " + " | ".join(cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"

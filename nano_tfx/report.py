@@ -5,20 +5,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
+from nano_tfx.criterion import describe_criterion
+
 TrialStatus = Literal["ok", "reused", "failed"]
-
-
-def _template(name: str):
-    """A template shipped in ``nano_tfx/templates`` (package data; works from an editable
-    install too, since it is read from the package directory)."""
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("nano_tfx", "templates"),
-        autoescape=True,  # every value is user/model text: escape all of it
-        trim_blocks=True, lstrip_blocks=True,
-    )
-    return env.get_template(name)
 
 
 @dataclass
@@ -35,7 +24,8 @@ class TrialRecord:
     batch: int | None = None
     size_bytes: int | None = None
     seconds: float = 0.0
-    speedup: float | None = None  # FP32 b1 ms / this trial's b1 ms, both timed when the trial ran
+    speedup: float | None = None  # fp32_latency_ms / latency_ms, both timed when the trial ran
+    fp32_latency_ms: float | None = None  # the FP32 reference's b1 ms, timed beside this trial
     status: TrialStatus = "ok"
     error: str | None = None  # one line, when status == "failed"
     traceback: str | None = None  # the full traceback of a failed trial (for bug reports)
@@ -43,6 +33,9 @@ class TrialRecord:
     worker: str | None = None
     artifact_dir: str | None = None
     evaluations: int | None = None  # metric evaluations made by this trial
+    # INT8 coverage of this trial's model, counted from its graph by the backend:
+    # {"MatMul": [ops in INT8, ops in all], "Conv": [...]} (nano_tfx.coverage); None: not counted
+    int8_ops: dict | None = None
 
     @property
     def failed(self) -> bool:
@@ -89,8 +82,23 @@ class Report:
     kept_fp32: list[dict] = field(default_factory=list)
     # every evaluation of the user's metric: baseline + one per trial + in-trial ones (NNCF)
     metric_evaluations: int | None = None
+    # INT8 coverage of the returned model (the chosen trial's, or the model returned without
+    # meeting the criterion): {"MatMul": [ops in INT8, ops in all], ...}; None: not counted
+    int8_ops: dict | None = None
+    # precision of the returned model (the request's may be "auto"); None: unknown
+    result_precision: str | None = None
 
     # -- access ----------------------------------------------------------------------------
+    def int8_coverage_text(self) -> str | None:
+        """"INT8: 2 of 2 MatMul, 2 of 2 Conv ops" for the returned model; a model with no op in
+        INT8 says so: "INT8: 0 of 3 MatMul ops (the model runs in FP32)". None when not counted."""
+        from nano_tfx.coverage import coverage_text
+
+        chosen = self.chosen_trial
+        precision = self.result_precision or (chosen.precision if chosen else None) or (
+            self.precision if self.precision != "auto" else None)
+        return coverage_text(self.int8_ops, precision)
+
     def speed_summary(self) -> str:
         """"INT8 x ms vs FP32 y ms (z×)" for the returned model (batch 1, side by side)."""
         from nano_tfx.speed import speed_text
@@ -138,9 +146,12 @@ class Report:
             return Report.from_json(f.read())
 
     # -- presentation ----------------------------------------------------------------------
-    _COLUMNS = ("#", "backend", "precision", "config", "metric", "passed", "latency b1 ms", "speedup", "size KB", "seconds", "status")
+    _COLUMNS = ("#", "backend", "precision", "config", "metric", "passed", "latency b1 ms", "speedup", "int8 ops",
+                "size KB", "seconds", "status")
 
     def rows(self) -> list[list[str]]:
+        from nano_tfx.coverage import short_text
+
         def fmt(v, spec="{:.4f}"):
             return "" if v is None else spec.format(v)
 
@@ -154,7 +165,8 @@ class Report:
             out.append([
                 f"{t.index}{mark}", t.backend, t.precision, text or "default", fmt(t.metric),
                 "" if t.passed is None else ("yes" if t.passed else "no"),
-                fmt(t.latency_ms, "{:.3f}"), fmt(t.speedup, "{:.2f}×"), fmt(None if t.size_bytes is None else t.size_bytes / 1024, "{:.1f}"),
+                fmt(t.latency_ms, "{:.3f}"), fmt(t.speedup, "{:.2f}×"), short_text(t.int8_ops),
+                fmt(None if t.size_bytes is None else t.size_bytes / 1024, "{:.1f}"),
                 f"{t.seconds:.1f}", t.status if not t.failed else f"failed: {(t.error or '')[:120]}",
             ])
         return out
@@ -165,10 +177,13 @@ class Report:
         sep = "|" + "|".join("---" for _ in self._COLUMNS) + "|"
         body = ["| " + " | ".join(r) + " |" for r in self.rows()]
         summary = (
-            f"baseline {self.metric_name}={self.baseline:.4f}, criterion {self.criterion}, "
+            f"baseline {self.metric_name}={self.baseline:.4f}, criterion {describe_criterion(self.criterion)}, "
             if self.baseline is not None
             else ""
         ) + f"met={self.met}, trials={len(self.trials)}, {self.seconds:.1f}s; {self.speed_summary()}"
+        coverage = self.int8_coverage_text()
+        if coverage:
+            summary += f"; {coverage}"
         return "\n".join([summary, head, sep, *body])
 
     _LAYER_COLUMNS = ("#", "backend", "layer", "op", "metric gain in FP32", "own error", "added rel. MSE",
@@ -180,7 +195,8 @@ class Report:
 
         return [
             [str(i), str(r.get("backend") or ""), str(r.get("name")), str(r.get("op") or ""),
-             f(r.get("metric_gain"), "{:+.4g}"), f(r.get("own_error")), f(r.get("added_mse")),
+             "rescued" if r.get("rescued") else f(r.get("metric_gain"), "{:+.4g}"),
+             f(r.get("own_error")), f(r.get("added_mse")),
              f(r.get("sqnr_db"), "{:.1f}"), f(r.get("mse")), f(r.get("fp32_min")), f(r.get("fp32_max")),
              f(r.get("outlier_ratio"), "{:.1f}"), f(r.get("range_ratio"), "{:.0f}")]
             for i, r in enumerate(self.layers[:top] if top else self.layers)
@@ -192,56 +208,24 @@ class Report:
         sep = "|" + "|".join("---" for _ in self._LAYER_COLUMNS) + "|"
         return "\n".join([head, sep, *("| " + " | ".join(r) + " |" for r in self.layer_rows(top))])
 
-    def _chart(self, top: int = 12) -> dict:
-        """Bars of the worst layers' added error (SVG geometry for the template)."""
-        worst = self.layers[:top]
-        peak = max([r.get("added_mse") or 0.0 for r in worst] + [1e-12])
-        labels = [str(r.get("name"))[-48:] for r in worst]
-        left = 7 * max([len(s) for s in labels] + [10])
-        bars = [
-            {"y": 16 * i, "label": label, "w": max(1, int(300 * max(r.get("added_mse") or 0.0, 0.0) / peak)),
-             "value": f"{r.get('added_mse') or 0.0:.3g}", "color": "#d9534f" if i == 0 else "#5b8def"}
-            for i, (r, label) in enumerate(zip(worst, labels))
-        ]
-        return {"bars": bars, "left": left, "width": left + 380, "height": 16 * len(bars) + 4}
-
     def to_html(self, plot_png_base64: str | None = None, extra_sections: list[dict] | None = None) -> str:
-        """The report page (jinja2 template ``nano_tfx/templates/report.html.j2``).
+        """The report page (``nano_tfx/report_page.py`` + template ``templates/report.html.j2``).
 
-        ``extra_sections``: ``[{"title": str, "rows": [(key, value)], "text": str}]`` appended
-        by callers (the TFX Quantizer adds its decision and workers there)."""
-        template = _template("report.html.j2")
-        return template.render(
-            summary=self.table().splitlines()[0], columns=self._COLUMNS, rows=self.rows(),
-            plot=plot_png_base64, kept_fp32=self.kept_fp32, layers=self.layers,
-            chart=self._chart() if self.layers else None, layer_columns=self._LAYER_COLUMNS,
-            layer_rows=self.layer_rows(), extra_sections=extra_sections or [],
-        )
+        ``plot_png_base64``: the plot to embed (``report_page.plot_png_base64(report)``).
+        ``extra_sections``: ``[{"title": str, "rows": [(key, value)], "items": [str], "text": str,
+        "columns": [str], "table": [[str]]}]`` (every key but the title optional) appended by
+        callers: the TFX Quantizer adds its decision and workers there."""
+        from nano_tfx import report_page
+
+        return report_page.render(self, plot_png_base64, extra_sections)
 
     def plot_png(self, path: str) -> bool:
         """Latency vs metric scatter of the trials; False when nothing to plot."""
-        points = [(t.latency_ms, t.metric, t) for t in self.trials if t.latency_ms is not None and t.metric is not None]
-        if not points:
+        from nano_tfx import report_page
+
+        png = report_page.plot_png_bytes(self)
+        if png is None:
             return False
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for lat, met, t in points:
-            ax.scatter(lat, met, marker="*" if t.index == self.chosen else "o",
-                       color="tab:green" if t.passed else "tab:red", s=80 if t.index == self.chosen else 30)
-            ax.annotate(f"{t.backend}/{t.precision}#{t.index}", (lat, met), fontsize=7)
-        if self.fp32_latency_ms is not None and self.baseline is not None:  # the model being replaced
-            ax.scatter(self.fp32_latency_ms, self.baseline, marker="s", color="black", s=50, label="FP32")
-            ax.annotate(f"FP32 {self.fp32_latency_ms:.3g} ms", (self.fp32_latency_ms, self.baseline), fontsize=7)
-        if self.baseline is not None:
-            ax.axhline(self.baseline, color="gray", linestyle="--", label="FP32 baseline")
-            ax.legend()
-        ax.set_xlabel("latency, batch 1 (ms)")
-        ax.set_ylabel(self.metric_name or "metric")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        with open(path, "wb") as f:
+            f.write(png)
         return True

@@ -162,8 +162,14 @@ class _RunCandidate(Candidate):
         raise ValueError("this model view cannot be saved")
 
 
+#: diagnoses a candidate of this model's backend against its FP32 original on calibration batches
+Diagnoser = Callable[[Any, Candidate, int], list]
+
+
 class QuantizedModel:
     """A quantized (or bf16/fp16) model from any backend, used like a Keras model."""
+
+    _diagnoser: Diagnoser | None = None  # set by nano_tfx.quantize (the tuner knows backend and FP32)
 
     def __init__(self, candidate: Candidate, source: Any = None, report: Any = None,
                  config: TrialConfig | None = None, backend: str | None = None,
@@ -195,6 +201,19 @@ class QuantizedModel:
     @property
     def candidate(self) -> Candidate:
         return self._candidate
+
+    @property
+    def int8_ops(self) -> dict[str, list[int]] | None:
+        """INT8 coverage of this model: ``{"MatMul": [ops in INT8, ops in all], "Conv": [...]}``,
+        counted from its graph by its backend (``nano_tfx.coverage``); None when unknown.
+        ``{"MatMul": [0, 3], ...}`` means that no compute op runs in INT8 (the model is FP32)."""
+        if self.report is not None and getattr(self.report, "int8_ops", None) is not None:
+            return {k: list(v) for k, v in self.report.int8_ops.items()}
+        try:  # a model loaded without its report: count its graph now
+            return self._candidate.int8_ops()
+        except Exception as err:  # noqa: BLE001 - coverage informs, it never breaks the model
+            log.warning("nano-tfx: INT8 coverage not counted (%s: %s)", type(err).__name__, err)
+            return None
 
     def _as_inputs(self, x: Any) -> list[np.ndarray]:
         if isinstance(x, Mapping):
@@ -233,12 +252,14 @@ class QuantizedModel:
             (relative), ``added_mse`` (error the layer itself adds: the ranking key),
             ``drop_db``, ``fp32_min``/``fp32_max``, ``outlier_ratio``, ``range_ratio``.
             See ``nano_tfx.diagnosis``.
+
+        How many compute ops run in INT8 at all is ``self.int8_ops`` (counted from the graph,
+        no data needed), worded by ``self.report.int8_coverage_text()``; it is logged here too.
         """
         from nano_tfx.data import make_batches
-        from nano_tfx.tuning.runner import TrialJob, diagnose_trial
 
-        job = getattr(self, "_job", None)
-        if job is None:
+        diagnoser = getattr(self, "_diagnoser", None)
+        if diagnoser is None:
             raise ValueError("self: diagnose needs the FP32 original; expected a model returned by "
                              "nano_tfx.quantize in this process, got one loaded from disk")
         if data is None:
@@ -247,9 +268,13 @@ class QuantizedModel:
             raise ValueError(f"max_samples: expected a positive int, got {max_samples!r}")
         x = data[0] if isinstance(data, tuple) and len(data) == 2 and self._single_input else data
         batches = make_batches(x, self.inputs, sample_size=max_samples, argument="data").calibration()
-        from dataclasses import replace
+        from nano_tfx.coverage import coverage_text
 
-        return diagnose_trial(replace(job, calibration=batches), self._candidate, max_samples)
+        # The per-layer rows cannot say which compute ops run in INT8 at all: the log line does.
+        coverage = coverage_text(self.int8_ops, self.precision)
+        if coverage:
+            log.info("nano-tfx: %s/%s: %s", self.backend, self.precision, coverage)
+        return diagnoser(batches, self._candidate, max_samples)
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Raw batch in, raw outputs out (input order; no conversion)."""

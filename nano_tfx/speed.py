@@ -60,9 +60,9 @@ class SideBySide:
         return min(pool, key=pool.get)
 
     def to_dict(self) -> dict:
-        return {"b1_ms": {k: round(v, 4) for k, v in self.b1_ms.items()}, "batch": self.batch,
-                "batch_ms": {k: round(v, 4) for k, v in self.batch_ms.items()}, "calls": dict(self.calls),
-                "rounds": self.rounds, "seconds": round(self.seconds, 3)}
+        # full precision: every stored ratio must be recomputable from the stored times
+        return {"b1_ms": dict(self.b1_ms), "batch": self.batch, "batch_ms": dict(self.batch_ms),
+                "calls": dict(self.calls), "rounds": self.rounds, "seconds": self.seconds}
 
 
 def _rounds(runs: Mapping[str, Run], x: list[np.ndarray], budget_s: float, settle_s: float) -> tuple[dict, int, dict]:

@@ -346,41 +346,18 @@ def _criterion(args) -> Optional[dict]:
     return crit
 
 
-def _progress_runner(console: Console, max_trials: Optional[int]):
-    from nano_tfx.tuning.runner import LocalRunner, run_trial
+def _progress(console: Console, max_trials: Optional[int]):
+    """The engine's one progress hook, writing its trial lines to the console."""
+    from nano_tfx.progress import ProgressLine
 
-    class ProgressRunner(LocalRunner):
-        """The in-process runner, one progress line per trial."""
-
-        count = 0
-
-        def run(self, job, configs):
-            out = []
-            for config in configs:
-                ProgressRunner.count += 1
-                total = f"/{max_trials}" if max_trials else ""
-                knobs = ",".join(f"{k}={v}" for k, v in (config.to_dict().get("knobs") or {}).items()) or "default"
-                console.step(f"  trial {ProgressRunner.count}{total} [{job.backend}/{job.precision} {knobs}]")
-                result = run_trial(job, config)
-                if result.failed:
-                    status = f"failed: {(result.error or '')[:120]}"
-                elif result.metric is not None:
-                    status = f"metric {result.metric:.4f} {'pass' if result.passed else 'miss'}"
-                else:
-                    status = "ok"
-                if result.latency_ms is not None:
-                    status += f", {result.latency_ms:.3f} ms/sample"
-                console.done(status, result.seconds)
-                out.append(result)
-            return out
-
-    return ProgressRunner()
+    return ProgressLine(lambda text: console.line(text), prefix="  ", max_trials=max_trials)
 
 
 def _quantize_steps(args, console: Console, model: str, output: str, calib: str, evald: Optional[str],
                     criterion: Optional[dict], accelerator: Optional[str]):
     """Read the model and data, quantize with per-trial progress, save. -> (model, met)."""
     import nano_tfx
+    from nano_tfx.criterion import describe_criterion
     from nano_tfx.interchange import describe_saved_model
 
     console.step(f"Reading SavedModel {args.saved_model} [{args.signature}]")
@@ -394,14 +371,14 @@ def _quantize_steps(args, console: Console, model: str, output: str, calib: str,
     eval_data = _make_source(evald, source.inputs, args.label, args.batch or 32, "--eval") if evald else None
     console.done()
     what = (f"{args.precision} on {accelerator or 'inc'}"
-            + (f", {args.metric} within {criterion}" if criterion else ", no accuracy control"))
+            + (f", {args.metric} {describe_criterion(criterion)}" if criterion else ", no accuracy control"))
     console.line(f"Quantizing ({what})")
     kwargs = dict(
         precision=args.precision, accelerator=accelerator, calib_dataset=calib_data,
         metric=args.metric, accuracy_criterion=criterion, tuning_strategy=args.strategy,
         max_trials=args.max_trials, timeout=args.timeout, batch=args.batch,
         sample_size=args.sample_size, signature_name=args.signature,
-        trial_runner=_progress_runner(console, args.max_trials), min_speedup=args.min_speedup,
+        on_trial_end=_progress(console, args.max_trials), min_speedup=args.min_speedup,
     )
     if eval_data is not None:
         kwargs["eval_dataset"] = eval_data
@@ -504,6 +481,9 @@ def cmd_report(args) -> int:
         return 0
     print(f"Report: {path}")
     if getattr(args, "layers", False):
+        coverage = report.int8_coverage_text()  # the table's summary line carries it otherwise
+        if coverage:
+            print(coverage)
         if not report.layers:
             print("No per-layer diagnosis in this report (full INT8 met the criterion, or no metric).")
         else:

@@ -211,7 +211,7 @@ def write_layout(fp32_dir: str, transform_dir: str, calib: dict, accelerator: Op
     artifact = standard_artifacts.Model()
     artifact.uri = os.path.join(out, "quantized_model")
     ctx = BaseBeamExecutor.Context(beam_pipeline_args=[], tmp_dir=os.path.join(out, "tmp"), unique_id="1")
-    Executor(ctx)._write_model(quantized, fp32_dir, transform_dir, artifact, None, {})
+    Executor(ctx)._write_model(quantized, fp32_dir, transform_dir, artifact, None)
     if save_to:
         quantized.save(save_to)  # a plain QuantizedModel.save folder (no transform graph)
     return os.path.join(artifact.uri, "Format-Serving")

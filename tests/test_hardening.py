@@ -114,6 +114,22 @@ def test_readonly_tfdata_with_metric_and_one_shot_generator(accelerator, mlp, fl
     assert _leftovers() - before == set()
 
 
+def test_auto_keeps_its_timeout(mlp, flat):
+    """``timeout`` covers every backend of ``auto``: the first trial always runs; after it no work
+    starts that is expected to end past the deadline (a trial that did would exceed it)."""
+    x, y = flat
+    try:
+        q = nano_tfx.quantize(mlp, accelerator="auto", calib_dataset=(x[:128], y[:128]), metric="accuracy",
+                              accuracy_criterion={"relative": 0.01}, timeout=5, max_trials=50)
+        report = q.report
+    except nano_tfx.AccuracyCriterionNotMet as err:
+        report = err.report
+    assert "timeout=5s" in report.stop_reason or report.stop_reason == "all backends tried"
+    # Relative to measured trials, so it holds on any CPU: what started after the first trial fit.
+    assert sum(t.seconds for t in report.trials[1:]) <= 5.0
+    assert 0 < report.seconds and report.trials[0].seconds <= report.seconds
+
+
 def test_one_shot_generator_with_metric_calibrates_and_evaluates(mlp, flat):
     x, y = flat
     gen = ((x[i:i + 16], y[i:i + 16]) for i in range(0, 128, 16))
@@ -195,6 +211,46 @@ def test_a_collapsed_or_non_finite_candidate_is_a_failed_trial(mlp, flat, tmp_pa
     with pytest.raises(GarbageModelError, match="non-finite"):
         check_outputs(job, Fixed(lambda a: np.full((len(a), 10), np.nan, "float32")))
     check_outputs(job, Fixed(lambda a: mlp.predict(a, verbose=0)))  # a real model passes
+    # Constant at FP32's mean: still far from a trained model's varied outputs.
+    mean = mlp.predict(x[:32], verbose=0).mean(0)
+    with pytest.raises(GarbageModelError, match=r"same output for all .* SQNR"):
+        check_outputs(job, Fixed(lambda a: np.tile(mean, (len(a), 1))))
+
+
+def test_a_constant_candidate_close_to_a_near_uniform_fp32_model_is_valid(flat, tmp_path):
+    """A random-weight softmax is near-uniform: its rows differ by far less than one INT8 step,
+    so identical INT8 rows are correct (the seed's EfficientNetB0 case), not a collapse."""
+    import keras
+
+    from nano_tfx.backends.base import Candidate
+    from nano_tfx.data import make_batches
+    from nano_tfx.interchange import to_saved_model
+    from nano_tfx.tuning.runner import GarbageModelError, TrialJob, check_outputs
+
+    x, _ = flat
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((64,), name="pixels")
+    out = keras.layers.Dense(10, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(stddev=1e-3))(inp)
+    model = keras.Model(inp, out)
+    ref = model.predict(x[:32], verbose=0)
+    assert np.ptp(ref, axis=0).max() > 0  # FP32 rows do differ, by a little
+    source = to_saved_model(model, str(tmp_path))
+    job = TrialJob(source=source, backend="onnxruntime", options=None, precision="int8", approach="static",
+                   calibration=make_batches(x[:32], source.inputs).calibration())
+
+    class Constant(Candidate):
+        def __init__(self, row):
+            self.row = row
+
+        def run(self, inputs):
+            return [np.tile(self.row, (len(inputs[0]), 1))]
+
+        def save(self, directory):
+            raise NotImplementedError
+
+    check_outputs(job, Constant(np.round(ref.mean(0) * 255) / 255))  # one INT8 step away at most: valid
+    with pytest.raises(GarbageModelError, match="same output for all"):
+        check_outputs(job, Constant(np.eye(10, dtype="float32")[3]))  # constant and far: refused
 
 
 @pytest.mark.parametrize("kwargs, match", [

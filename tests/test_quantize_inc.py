@@ -202,9 +202,12 @@ def test_timeout_is_honoured(keras3_cnn, digits):
     with pytest.raises(nano_tfx.AccuracyCriterionNotMet) as info:
         nano_tfx.quantize(keras3_cnn, calib_dataset=xte[:64], eval_func=_worse_when_quantized,
                           accuracy_criterion={"relative": 0.01}, timeout=1, max_trials=50)
-    assert "timeout" in info.value.report.stop_reason
-    assert len(info.value.report.trials) < 50
-    assert time.perf_counter() - start < 60
+    report = info.value.report
+    assert "timeout" in report.stop_reason and len(report.trials) < 50
+    # The first trial always runs; later ones only start when expected to end in time, so what
+    # they took together fits in the timeout (relative to measured trials: any CPU speed).
+    assert sum(t.seconds for t in report.trials[1:]) <= 1.0
+    assert time.perf_counter() - start >= report.trials[0].seconds
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -17,6 +17,10 @@ from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionP
 
 from components.quantizer import executor
 from components.quantizer.artifacts import QuantizationReport
+from components.quantizer.keys import (
+    BLESSING_KEY, EVALUATION_KEY, EXAMPLES_KEY, MODEL_BLESSING_KEY, MODEL_KEY, PREVIOUS_REPORT_KEY,
+    QUANTIZED_MODEL_KEY, REPORT_KEY, TRANSFORM_GRAPH_KEY,
+)
 from components.quantizer.signatures import FROM_TRANSFORMED_FEATURES
 from components.quantizer.validation import DEFAULT_MIN_SPEEDUP, validate_parameters
 
@@ -43,17 +47,17 @@ class QuantizerSpec(ComponentSpec):
         "min_speedup": ExecutionParameter(type=float, optional=True),
     }
     INPUTS = {
-        "model": ChannelParameter(type=standard_artifacts.Model),
-        "examples": ChannelParameter(type=standard_artifacts.Examples),
-        "transform_graph": ChannelParameter(type=standard_artifacts.TransformGraph),
-        "evaluation": ChannelParameter(type=standard_artifacts.ModelEvaluation, optional=True),
-        "model_blessing": ChannelParameter(type=standard_artifacts.ModelBlessing, optional=True),
-        "previous_report": ChannelParameter(type=QuantizationReport, optional=True),
+        MODEL_KEY: ChannelParameter(type=standard_artifacts.Model),
+        EXAMPLES_KEY: ChannelParameter(type=standard_artifacts.Examples),
+        TRANSFORM_GRAPH_KEY: ChannelParameter(type=standard_artifacts.TransformGraph),
+        EVALUATION_KEY: ChannelParameter(type=standard_artifacts.ModelEvaluation, optional=True),
+        MODEL_BLESSING_KEY: ChannelParameter(type=standard_artifacts.ModelBlessing, optional=True),
+        PREVIOUS_REPORT_KEY: ChannelParameter(type=QuantizationReport, optional=True),
     }
     OUTPUTS = {
-        "quantized_model": ChannelParameter(type=standard_artifacts.Model),
-        "blessing": ChannelParameter(type=standard_artifacts.ModelBlessing),
-        "report": ChannelParameter(type=QuantizationReport),
+        QUANTIZED_MODEL_KEY: ChannelParameter(type=standard_artifacts.Model),
+        BLESSING_KEY: ChannelParameter(type=standard_artifacts.ModelBlessing),
+        REPORT_KEY: ChannelParameter(type=QuantizationReport),
     }
 
 

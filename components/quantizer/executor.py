@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -35,6 +34,11 @@ from nano_tfx.api import fingerprint
 from components.quantizer import serving
 from components.quantizer.artifacts import REPORT_HTML, REPORT_JSON
 from components.quantizer.beam_runner import BeamTrialRunner, with_runner_defaults, runner_name
+from components.quantizer.decision import QuantizerDecision, bounds_text, report_html
+from components.quantizer.keys import (
+    BLESSING_KEY, EVALUATION_KEY, EXAMPLES_KEY, MODEL_BLESSING_KEY, MODEL_KEY, PREVIOUS_REPORT_KEY,
+    QUANTIZED_MODEL_KEY, REPORT_KEY, TRANSFORM_GRAPH_KEY,
+)
 from components.quantizer.data import (
     TransformedExamplesSource, feature_layout, sample_records, split_file_pattern,
 )
@@ -47,6 +51,7 @@ from components.quantizer.signatures import (
 from components.quantizer.validation import (
     DEFAULT_ACCURACY_CRITERION, DEFAULT_MIN_SPEEDUP, validate_accuracy_criterion,
 )
+from nano_tfx.criterion import describe_criterion
 from nano_tfx.speed import check_min_speedup
 from nano_tfx.interchange import export_signature_as_default
 
@@ -95,15 +100,15 @@ class Executor(base_beam_executor.BaseBeamExecutor):
     ) -> None:
         self._log_startup(input_dict, output_dict, exec_properties)
         started = time.time()
-        model = _single(input_dict, "model")
-        examples = _single(input_dict, "examples")
-        transform_graph = _single(input_dict, "transform_graph")
-        evaluation = _single(input_dict, "evaluation")
-        fp32_blessing = _single(input_dict, "model_blessing")
-        previous = _single(input_dict, "previous_report")
-        out_model = _single(output_dict, "quantized_model")
-        blessing = _single(output_dict, "blessing")
-        report_artifact = _single(output_dict, "report")
+        model = _single(input_dict, MODEL_KEY)
+        examples = _single(input_dict, EXAMPLES_KEY)
+        transform_graph = _single(input_dict, TRANSFORM_GRAPH_KEY)
+        evaluation = _single(input_dict, EVALUATION_KEY)
+        fp32_blessing = _single(input_dict, MODEL_BLESSING_KEY)
+        previous = _single(input_dict, PREVIOUS_REPORT_KEY)
+        out_model = _single(output_dict, QUANTIZED_MODEL_KEY)
+        blessing = _single(output_dict, BLESSING_KEY)
+        report_artifact = _single(output_dict, REPORT_KEY)
 
         signature_name = exec_properties.get("signature_name") or "from_transformed_features"
         accelerator = exec_properties.get("accelerator") or None
@@ -124,17 +129,12 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             logging.info("Quantizer: %s", derived_note)
         input_names, _ = _signature_io(quantize_from, signature_name, None if derived_note else defs)
 
-        tfx_info: dict = {
-            "fp32_model": model_path,
-            "fp32_model_id": model.id,
-            "signature_name": signature_name,
-            "accelerator": accelerator,
-            "precision": precision,
-            "beam_runner": str(runner_name(self._beam_pipeline_args)),
-            "notes": [derived_note] if derived_note else [],
-        }
-        if derived_note:
-            tfx_info["derived_signature_model"] = quantize_from
+        decision = QuantizerDecision(
+            fp32_model=model_path, fp32_model_id=model.id, signature_name=signature_name,
+            accelerator=accelerator, precision=precision, beam_runner=str(runner_name(self._beam_pipeline_args)),
+            notes=[derived_note] if derived_note else [],
+            derived_signature_model=quantize_from if derived_note else None,
+        )
         blessing.set_string_custom_property("fp32_model", model.uri)
         blessing.set_int_custom_property("fp32_model_id", model.id)
         out_model.set_int_custom_property("fp32_model_id", model.id)
@@ -142,10 +142,11 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         # 1. The Evaluator's gate ------------------------------------------------------------
         info: Optional[EvaluatorInfo] = read_evaluation(evaluation.uri) if evaluation else None
         if info is not None:
-            tfx_info["evaluator"] = info.to_dict()
+            decision.evaluator = info.to_dict()
         gate = self._fp32_gate(fp32_blessing, info)
         if gate is not None:
-            self._finish(out_model, blessing, report_artifact, None, tfx_info, False, gate, started)
+            decision.refuse(gate)
+            self._finish(out_model, blessing, report_artifact, None, decision, started)
             return
 
         # 2. Metric, baseline and bars -------------------------------------------------------
@@ -168,22 +169,21 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             user_criterion = dict(DEFAULT_ACCURACY_CRITERION, higher_is_better=(
                 hib if hib is not None else guess_higher_is_better(metric_name)))
         criterion, bar_note = self._effective_criterion(user_criterion, baseline, lower, upper)
-        tfx_info.update(
-            metric=metric_name, baseline=baseline, baseline_source="evaluator" if baseline is not None else "fp32 run",
-            value_bounds={"lower_bound": lower, "upper_bound": upper},
-            user_criterion=user_criterion, effective_criterion=criterion,
-        )
+        decision.metric, decision.baseline = metric_name, baseline
+        decision.baseline_source = "evaluator" if baseline is not None else "fp32 run"
+        decision.value_bounds = {"lower_bound": lower, "upper_bound": upper}
+        decision.user_criterion, decision.effective_criterion = user_criterion, criterion
         if bar_note:
-            tfx_info["notes"].append(bar_note)
+            decision.notes.append(bar_note)
         if info is not None and exec_properties.get("metric") and baseline is None:
-            tfx_info["notes"].append(
-                f"metric {metric_name!r} is not among the Evaluator's metrics {sorted(info.metrics)}; "
+            decision.notes.append(
+                f"metric {metric_name!r} is not among the Evaluator's metrics ({', '.join(sorted(info.metrics))}); "
                 "the FP32 baseline is measured on the evaluation split instead"
             )
         if criterion is None:  # the FP32 metric itself misses the Evaluator's value bound
-            self._finish(out_model, blessing, report_artifact, None, tfx_info, False,
-                         f"the FP32 {metric_name}={baseline} already misses the Evaluator's bounds "
-                         f"[{lower}, {upper}]", started)
+            decision.refuse(f"the FP32 {metric_name}={baseline:.4f} already misses the Evaluator's bounds "
+                            f"({bounds_text(lower, upper)})")
+            self._finish(out_model, blessing, report_artifact, None, decision, started)
             return
 
         # 3. Data ---------------------------------------------------------------------------
@@ -203,13 +203,13 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             self._sampling_pipeline(), split_file_pattern(examples, calib_split), sample_size,
             os.path.join(tmp_dir, "calibration"),
         )
-        tfx_info["calibration_sampling_seconds"] = round(time.time() - t0, 2)
+        decision.calibration_sampling_seconds = time.time() - t0
         calib = TransformedExamplesSource(sample_path, features, None, batch_size=min(sample_size, batch_size or 32))
         eval_source = TransformedExamplesSource(
             split_file_pattern(examples, eval_split), features, label, batch_size=batch_size or DEFAULT_EVAL_BATCH
         )
-        tfx_info.update(label_key=label_key, calibration_split=calib_split, evaluation_split=eval_split,
-                        sample_size=sample_size)
+        decision.label_key, decision.sample_size = label_key, sample_size
+        decision.calibration_split, decision.evaluation_split = calib_split, eval_split
 
         # 4. Resume + trials as Beam work ---------------------------------------------------
         # The part to quantize as its own SavedModel (serving_default = the signature), so every
@@ -217,7 +217,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         quantizable = export_signature_as_default(
             quantize_from, signature_name, os.path.join(tmp_dir, "quantizable_model"))
         fp32_fingerprint = fingerprint(model_path)
-        tfx_info["fp32_fingerprint"] = fp32_fingerprint
+        decision.fp32_fingerprint = fp32_fingerprint
         request_key = self._request_key(
             fp32_fingerprint, signature_name, accelerator, precision, metric_name, baseline, criterion, label_key,
             # Left out: what bounds or judges the search, not what a trial computes (reused trials
@@ -227,8 +227,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             _file_digest([sample_path]),
             _file_digest(eval_source.files()),
         )
-        tfx_info["request_key"] = request_key
-        previous_report = self._previous_report(previous, request_key, tfx_info)
+        decision.request_key = request_key
+        previous_report = self._previous_report(previous, request_key, decision)
         if previous_report is not None:
             # Same Trainer model (fp32_fingerprint is in request_key); the re-exported
             # quantizable SavedModel's bytes may differ, so point the report at it.
@@ -239,11 +239,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             artifact_root=os.path.join(report_artifact.uri, "trials"),
             make_pipeline=self._make_beam_pipeline_fn,
         )
-        tfx_info["trial_parallelism"] = runner.parallelism
-        tfx_info["tuning_runner"] = runner.description
+        decision.trial_parallelism, decision.tuning_runner = runner.parallelism, runner.description
         raw_bar = exec_properties.get("min_speedup")
         min_speedup = check_min_speedup(DEFAULT_MIN_SPEEDUP if raw_bar is None else raw_bar) or None
-        tfx_info["min_speedup"] = min_speedup or 0.0
+        decision.min_speedup = min_speedup or 0.0
         kwargs = dict(
             precision=precision, accelerator=accelerator, calib_dataset=calib, metric=metric,
             accuracy_criterion=criterion, tuning_strategy=exec_properties.get("tuning_strategy") or None,
@@ -258,36 +257,12 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             quantized = nano_tfx.quantize(quantizable, **kwargs)
         except nano_tfx.AccuracyCriterionNotMet as err:
             quantized, met, err_seen = err.best_model, False, err
-        report = quantized.report
-        chosen = report.chosen_trial
-        value = chosen.metric if chosen else None
-        if chosen is None and report.trials:
-            ok = [t for t in report.trials if t.metric is not None]
-            if ok:
-                value = (max if criterion["higher_is_better"] else min)(t.metric for t in ok)
-        bounds_ok = value is not None and (lower is None or value >= lower) and (upper is None or value <= upper)
-        # Never bless a model slower than min_speedup × FP32 (checked here too: the blessing is ours).
-        speed_ok = not min_speedup or (report.speedup is not None and report.speedup >= min_speedup)
-        blessed = bool(met and bounds_ok and speed_ok)
-        speed = report.speed_summary()
-        tfx_info.update(speedup=report.speedup, fp32_latency_ms=report.fp32_latency_ms)
-        if blessed:
-            message = (f"INT8 {metric_name}={value:.4f} vs FP32 {report.baseline:.4f}: within "
-                       f"{user_criterion} and the Evaluator's bounds [{lower}, {upper}]; {speed}")
-        elif not speed_ok or isinstance(err_seen, nano_tfx.SpeedupNotMet):
-            message = (f"{speed}: the quantized model is not {min_speedup:g}× as fast as FP32, so it is "
-                       f"not blessed (accuracy {metric_name}={value} vs FP32 {report.baseline}); "
-                       "push the FP32 model instead (see README, 'When the speed gate blocks')")
-        elif not met:
-            message = (f"no trial met {criterion} (baseline {metric_name}={report.baseline}); "
-                       f"best {value}; stopped: {report.stop_reason}; {speed}")
-        else:
-            message = f"INT8 {metric_name}={value} misses the Evaluator's bounds [{lower}, {upper}]; {speed}"
+        decision.judge(quantized.report, met, speed_refused=isinstance(err_seen, nano_tfx.SpeedupNotMet))
 
         # 5. Outputs ------------------------------------------------------------------------
-        self._write_model(quantized, model_path, transform_graph.uri, out_model, info, tfx_info)
-        self._finish(out_model, blessing, report_artifact, report, tfx_info, blessed, message, started,
-                     int8_metric=value)
+        decision.backend, decision.serving_dir, decision.raw_parse_keys = self._write_model(
+            quantized, model_path, transform_graph.uri, out_model, info)
+        self._finish(out_model, blessing, report_artifact, quantized.report, decision, started)
 
     # -- steps ---------------------------------------------------------------------------------
     def _sampling_pipeline(self):
@@ -324,7 +299,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         allowed = user["relative"] * abs(baseline) if "relative" in user else user["absolute"]
         if room < allowed:
             return ({"absolute": float(room), "higher_is_better": hib},
-                    f"the Evaluator's bound {bound} is tighter than {user}: allowed drop {room:.6g}")
+                    f"the Evaluator's bound {bound:.4g} is tighter than the criterion "
+                    f"({describe_criterion(user)}): allowed drop {room:.6g}")
         return user, None
 
     @staticmethod
@@ -352,25 +328,26 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     @staticmethod
-    def _previous_report(previous: Optional[types.Artifact], request_key: str, tfx_info: dict):
+    def _previous_report(previous: Optional[types.Artifact], request_key: str, decision: QuantizerDecision):
         if previous is None:
             return None
         path = os.path.join(previous.uri, REPORT_JSON)
         if not fileio.exists(path):
-            tfx_info["notes"].append(f"previous_report {previous.uri} has no {REPORT_JSON}: nothing reused")
+            decision.notes.append(f"previous_report {previous.uri} has no {REPORT_JSON}: nothing reused")
             return None
         data = json.loads(io_utils.read_string_file(path))
         old_key = (data.get("tfx") or {}).get("request_key")
         if old_key != request_key:
-            tfx_info["notes"].append(
+            decision.notes.append(
                 "previous_report is for another request (data, metric, criterion or parameters changed): "
                 "nothing reused")
             return None
-        tfx_info["resumed_from"] = previous.uri
+        decision.resumed_from = previous.uri
         return nano_tfx.Report.from_dict(data)
 
     def _write_model(self, quantized: Any, fp32_path: str, transform_uri: str, out_model: types.Artifact,
-                     info: Optional[EvaluatorInfo], tfx_info: dict) -> None:
+                     info: Optional[EvaluatorInfo]) -> tuple[str, str, Optional[List[str]]]:
+        """The serving layout of ``quantized`` into ``out_model``: (backend, serving dir, raw parse keys)."""
         serving_dir = os.path.join(out_model.uri, serving.SERVING_DIR)
         staging = os.path.join(self._get_tmp_dir(), "quantized_model")
         quantized.save(staging)
@@ -396,9 +373,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         io_utils.write_string_file(
             os.path.join(serving_dir, serving.SERVING_DOC),
             serving.serving_doc(backend, parse_keys, quantized.inputs, quantized.outputs))
-        tfx_info.update(backend=backend, serving_dir=serving_dir, raw_parse_keys=parse_keys)
         out_model.set_string_custom_property("nano_tfx_backend", backend)
         out_model.set_string_custom_property("nano_tfx_precision", str(quantized.precision))
+        return backend, serving_dir, parse_keys
 
     @staticmethod
     def _raw_keys_without_labels(transform_uri: str, labels: List[str]) -> Optional[List[str]]:
@@ -408,66 +385,41 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         return keys if labels else None
 
     def _finish(self, out_model: types.Artifact, blessing: types.Artifact, report_artifact: types.Artifact,
-                report: Any, tfx_info: dict, blessed: bool, message: str, started: float,
-                int8_metric: Optional[float] = None) -> None:
-        tfx_info.update(blessed=blessed, blessing_message=message, int8_metric=int8_metric,
-                        seconds=round(time.time() - started, 2))
+                report: Optional[nano_tfx.Report], decision: QuantizerDecision, started: float) -> None:
+        """Write report.json (+ ``tfx``: the decision), report.html and the blessing."""
+        decision.seconds = time.time() - started
+        message = decision.blessing_message
         if report is None:
-            report = nano_tfx.Report(backend=tfx_info.get("accelerator") or "inc",
-                                     precision=tfx_info.get("precision") or "int8",
+            report = nano_tfx.Report(backend=decision.accelerator or "inc", precision=decision.precision or "int8",
                                      stop_reason=message)
         data = report.to_dict()
-        data["tfx"] = tfx_info
+        data["tfx"] = decision.to_dict()
         fileio.makedirs(report_artifact.uri)
         io_utils.write_string_file(os.path.join(report_artifact.uri, REPORT_JSON),
                                    json.dumps(data, indent=2, default=str))
-        io_utils.write_string_file(os.path.join(report_artifact.uri, REPORT_HTML),
-                                   _report_html(report, tfx_info, self._get_tmp_dir()))
+        io_utils.write_string_file(os.path.join(report_artifact.uri, REPORT_HTML), report_html(report, decision))
         report_artifact.set_string_custom_property("blessing_message", message)
         report_artifact.set_int_custom_property("num_trials", len(report.trials))
 
         fileio.makedirs(blessing.uri)
-        io_utils.write_string_file(os.path.join(blessing.uri, BLESSED_FILE if blessed else NOT_BLESSED_FILE), "")
+        io_utils.write_string_file(
+            os.path.join(blessing.uri, BLESSED_FILE if decision.blessed else NOT_BLESSED_FILE), "")
         # 'blessed' is what the Pusher checks. 'current_model_id' is deliberately NOT set:
         # LatestBlessedModelStrategy keys on it, and the quantized model must never become the
         # Evaluator's next FP32 baseline.
-        blessing.set_int_custom_property("blessed", 1 if blessed else 0)
-        blessing.set_string_custom_property("blessing_message", message[:2000])
-        if int8_metric is not None:
-            blessing.set_float_custom_property("quantized_metric", float(int8_metric))
-        if tfx_info.get("baseline") is not None:
-            blessing.set_float_custom_property("fp32_metric", float(tfx_info["baseline"]))
-        for key in ("speedup", "fp32_latency_ms"):
-            if tfx_info.get(key) is not None:
-                blessing.set_float_custom_property(key, float(tfx_info[key]))
+        _set_properties(blessing, decision.blessing_properties())
         fileio.makedirs(out_model.uri)
-        if not blessed and not fileio.exists(os.path.join(out_model.uri, serving.SERVING_DIR)):
+        if not decision.blessed and not fileio.exists(os.path.join(out_model.uri, serving.SERVING_DIR)):
             io_utils.write_string_file(os.path.join(out_model.uri, "NOT_QUANTIZED.txt"), message + "\n")
-        logging.info("Quantizer: blessed=%s (%s); report at %s", blessed, message, report_artifact.uri)
+        logging.info("Quantizer: blessed=%s (%s); report at %s", decision.blessed, message, report_artifact.uri)
 
 
-def _report_html(report: Any, tfx_info: dict, tmp_dir: str) -> str:
-    plot_b64 = None
-    png = os.path.join(tmp_dir, "report_plot.png")
-    try:
-        if report.plot_png(png):
-            with open(png, "rb") as f:
-                plot_b64 = base64.b64encode(f.read()).decode()
-    except Exception as err:  # noqa: BLE001 - a missing plot must not fail the component
-        logging.warning("Quantizer: no plot: %s", err)
-    workers: Dict[str, int] = {}
-    for t in report.trials:
-        if t.status != "reused" and t.worker:
-            workers[t.worker] = workers.get(t.worker, 0) + 1
-    decision = [
-        (k, json.dumps(tfx_info.get(k), default=str))
-        for k in ("blessed", "blessing_message", "metric", "baseline", "int8_metric", "value_bounds",
-                  "user_criterion", "effective_criterion", "min_speedup", "speedup", "fp32_latency_ms",
-                  "backend", "beam_runner", "tuning_runner", "trial_parallelism",
-                  "resumed_from", "notes")
-        if k in tfx_info
-    ]
-    return report.to_html(plot_b64, extra_sections=[
-        {"title": "TFX decision", "rows": decision},
-        {"title": "Trials per worker", "text": json.dumps(workers)},
-    ])
+def _set_properties(artifact: types.Artifact, props: Dict[str, Any]) -> None:
+    """Custom properties by value type (MLMD keeps int, float and string apart)."""
+    for key, value in props.items():
+        if isinstance(value, bool) or isinstance(value, int):
+            artifact.set_int_custom_property(key, int(value))
+        elif isinstance(value, float):
+            artifact.set_float_custom_property(key, value)
+        else:
+            artifact.set_string_custom_property(key, str(value))

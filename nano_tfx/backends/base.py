@@ -107,6 +107,12 @@ class Candidate(abc.ABC):
         """Extra JSON-able facts ``Backend.load`` needs (stored as manifest["backend_info"])."""
         return {}
 
+    def int8_ops(self) -> dict[str, list[int]] | None:
+        """INT8 coverage counted from this candidate's own graph by its backend:
+        ``{kind: [ops running in INT8, ops of that kind]}`` with the kinds of
+        ``nano_tfx.coverage`` ("MatMul", "Conv", maybe "Attention"); None when unknown."""
+        return None
+
 
 @dataclass
 class AccuracyContext:
@@ -148,7 +154,8 @@ class Backend(abc.ABC):
     The duties, each in its own module of the backend's package (``backends/<name>/``):
     ``prepare`` (convert), ``search_space`` (space), ``quantize``, ``diagnose`` (per-layer
     error of a quantized candidate against FP32, in the names ``TrialConfig.fallback`` accepts),
-    ``load``.
+    ``coverage`` (``Candidate.int8_ops``: the compute ops running in INT8, counted in the
+    candidate's own graph), ``load``.
     """
 
     name: str = ""

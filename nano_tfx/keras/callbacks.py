@@ -14,6 +14,7 @@ import keras
 from nano_tfx.api import quantize as _quantize
 from nano_tfx.criterion import AccuracyCriterion
 from nano_tfx.errors import AccuracyCriterionNotMet
+from nano_tfx.progress import ProgressLine, as_hooks
 from nano_tfx.result import QuantizedModel
 from nano_tfx.timing import latency_ms, rows
 
@@ -44,6 +45,8 @@ class QuantizationCallback(keras.callbacks.Callback):
         save_path: where the kept model is saved (atomically replaced; ``nano_tfx.load``-able).
         save_best_only: keep the best INT8 metric instead of the latest.
         **quantize_kwargs: any other ``nano_tfx.quantize`` argument (accelerator, precision, ...).
+            ``verbose`` (default 1 here) writes one line per trial and one per quantization
+            point, through the same ``on_trial_end`` hook as ``quantize(verbose=1)``; 0 is silent.
 
     Logs, at each quantization point, ``int8_<metric>`` (``int8_loss``/``int8_<compiled metric>``
     without ``metric``), ``int8_criterion_met`` (1.0/0.0, with a criterion) and
@@ -91,6 +94,8 @@ class QuantizationCallback(keras.callbacks.Callback):
         self.every_n_epochs = every_n_epochs
         self.save_path = save_path
         self.save_best_only = save_best_only
+        self.verbose = quantize_kwargs.pop("verbose", 1)
+        self._user_hooks = as_hooks(quantize_kwargs.pop("on_trial_end", None))
         self.quantize_kwargs = quantize_kwargs
         self.quantized_model: QuantizedModel | None = None
         self.best_epoch: int | None = None
@@ -145,12 +150,16 @@ class QuantizationCallback(keras.callbacks.Callback):
     def _quantize_now(self, epoch: int, logs: dict) -> None:
         accel = self.quantize_kwargs.get("accelerator") or "inc"
         prec = self.quantize_kwargs.get("precision", "int8")
-        print(f"QuantizationCallback: epoch {epoch + 1}: quantizing to {prec} with {accel} ...", flush=True)
+        progress = ProgressLine(prefix=f"QuantizationCallback: epoch {epoch + 1}: ",
+                                max_trials=self.quantize_kwargs.get("max_trials"))
+        hooks = ([progress] if self.verbose else []) + self._user_hooks
+        if self.verbose:
+            progress.say(f"{progress.prefix}quantizing to {prec} with {accel} ...")
         met = None
         try:
             q = _quantize(self.model, calib_dataset=self.calib_dataset, metric=self.metric,
                           accuracy_criterion=self.criterion.to_dict() if self.criterion else None,
-                          eval_dataset=self.validation_data, **self.quantize_kwargs)
+                          eval_dataset=self.validation_data, on_trial_end=hooks, **self.quantize_kwargs)
             met = True if self.criterion or self.quantize_kwargs.get("min_speedup") else None
         except AccuracyCriterionNotMet as err:
             q, met = err.best_model, False
@@ -177,8 +186,9 @@ class QuantizationCallback(keras.callbacks.Callback):
             self.best_epoch, self.best_value = epoch + 1, key_value
             if self.save_path:
                 q.save(self.save_path)
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in entry.items())
-        print(f"QuantizationCallback: epoch {epoch + 1}: {shown}" + (" (kept)" if keep else ""), flush=True)
+        if self.verbose:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in entry.items())
+            progress.say(f"{progress.prefix}{shown}" + (" (kept)" if keep else ""))
 
     @property
     def _metric_key(self) -> str | None:

@@ -13,15 +13,17 @@ import os
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 import numpy as np
 
 from nano_tfx.backends.base import AccuracyContext, BackendOptions, CalibrationData, Candidate, TrialConfig, backend_class
 from nano_tfx.criterion import AccuracyCriterion
+from nano_tfx.diagnosis import sqnr_db
 from nano_tfx.interchange import SavedModelSource
 from nano_tfx.metrics import Evaluator
+from nano_tfx.result import QuantizedModel, read_manifest, write_model_dir
 from nano_tfx.timing import rows
 
 log = logging.getLogger("nano_tfx")
@@ -61,12 +63,14 @@ class TrialResult:
     latency_batch_ms: float | None = None
     size_bytes: int | None = None
     seconds: float = 0.0
-    speedup: float | None = None  # FP32 b1 ms / latency_ms, timed side by side in the trial's process
+    speedup: float | None = None  # fp32_latency_ms / latency_ms, timed side by side in the trial's process
+    fp32_latency_ms: float | None = None
     status: str = "ok"  # "ok" | "reused" | "failed" (see nano_tfx.report.TrialStatus)
     error: str | None = None  # one line, when failed
     traceback: str | None = None
     evaluations: int = 0  # metric evaluations this trial made (NNCF accuracy control: many)
     output_mse: float | None = None
+    int8_ops: dict[str, list[int]] | None = None  # INT8 coverage, counted by the backend (nano_tfx.coverage)
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     artifact_dir: str | None = None
     candidate: Candidate | None = None  # in-process only; dropped when pickled
@@ -137,7 +141,6 @@ def trial_dir_name(config: TrialConfig, backend: str, precision: str) -> str:
 def accuracy_context(job: TrialJob) -> AccuracyContext | None:
     if job.evaluator is None or job.baseline is None or job.criterion is None:
         return None
-    from nano_tfx.result import QuantizedModel
 
     def evaluate(run):
         ctx.evaluations += 1
@@ -155,7 +158,14 @@ def accuracy_context(job: TrialJob) -> AccuracyContext | None:
 
 
 class GarbageModelError(RuntimeError):
-    """A quantized candidate whose outputs are non-finite, or the same for every input."""
+    """A quantized candidate whose outputs are non-finite, or constant over the inputs and far
+    from the FP32 model's."""
+
+
+#: a constant candidate is refused when its output SQNR against FP32 is below this (relative
+#: RMS error above 0.1); a near-uniform FP32 output (a random-weight softmax) whose rows differ
+#: by less than one INT8 step is legitimately constant in INT8 and stays far above it
+COLLAPSED_SQNR_DB = 20.0
 
 
 def _probe_inputs(job: TrialJob, rows_wanted: int = 16) -> list[np.ndarray] | None:
@@ -174,23 +184,20 @@ def _probe_inputs(job: TrialJob, rows_wanted: int = 16) -> list[np.ndarray] | No
     return [np.concatenate([p[i] for p in parts])[:rows_wanted] for i in range(len(parts[0]))]
 
 
-def _varies(outputs: list[np.ndarray]) -> bool:
-    """Whether any output differs between rows of the batch."""
-    for out in outputs:
-        a = np.asarray(out)
-        if a.ndim and len(a) > 1 and a.dtype.kind in "fiub" and np.ptp(a.reshape(len(a), -1), axis=0).max() > 0:
-            return True
-        if a.dtype.kind not in "fiub":
-            return True  # strings etc.: not judged
-    return False
-
-
-_REFERENCE_VARIES: dict[tuple, bool] = {}
+def _constant(out: np.ndarray) -> bool:
+    """Whether a numeric output is the same for every row of the batch (strings: not judged)."""
+    a = np.asarray(out)
+    if not a.ndim or len(a) < 2 or a.dtype.kind not in "fiub":
+        return False
+    return not np.ptp(a.reshape(len(a), -1), axis=0).max() > 0
 
 
 def check_outputs(job: TrialJob, candidate: Candidate) -> None:
-    """Refuse a garbage model: non-finite outputs on calibration rows, or the same output for
-    every row while the FP32 model's outputs differ between them."""
+    """Refuse a garbage model on calibration rows: non-finite outputs, or an output that is the
+    same for every row *and* far from FP32's (SQNR below ``COLLAPSED_SQNR_DB``).
+
+    Constancy alone is not collapse: when the FP32 rows differ by less than one INT8 step, identical
+    INT8 rows are the right answer, so distance from FP32 decides."""
     probe = _probe_inputs(job)
     if probe is None or len(probe[0]) == 0:
         return
@@ -199,16 +206,30 @@ def check_outputs(job: TrialJob, candidate: Candidate) -> None:
         if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
             bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
             raise GarbageModelError(f"output {name!r} has {bad} non-finite value(s) on calibration data")
-    if len(probe[0]) < 2 or _varies(outs):
+    constant = [i for i, out in enumerate(outs) if _constant(out)]
+    if not constant:
         return
-    key = (job.source.path, job.source.signature_key, len(probe[0]))
-    if key not in _REFERENCE_VARIES:
-        _REFERENCE_VARIES[key] = _varies(fp32_reference(job).run(probe))
-    if _REFERENCE_VARIES[key]:
+    refs = fp32_reference(job).run(probe)
+    for i in constant:
+        name, want = job.source.output_names[i], np.asarray(refs[i])
+        if _constant(want) or want.shape != outs[i].shape:
+            continue  # FP32 is constant here too (or not comparable): nothing collapsed
+        if want.dtype.kind not in "fiub" or outs[i].dtype.kind not in "fiub":
+            continue
+        if want.dtype.kind == "f":
+            want64 = want.astype(np.float64)
+            sqnr = sqnr_db(float(np.sum(want64 ** 2)), float(np.sum((outs[i].astype(np.float64) - want64) ** 2)))
+            if sqnr >= COLLAPSED_SQNR_DB:
+                continue
+            far = f"output SQNR {sqnr:.1f} dB against FP32 < {COLLAPSED_SQNR_DB:g} dB"
+        else:  # class ids and the like: far when most rows disagree with FP32
+            wrong = float(np.mean(np.any((outs[i] != want).reshape(len(want), -1), axis=1)))
+            if wrong <= 0.5:
+                continue
+            far = f"{wrong:.0%} of rows differ from FP32"
         raise GarbageModelError(
-            f"the quantized model gives the same output for all {len(probe[0])} calibration rows "
-            "(the FP32 model does not): a collapsed model"
-        )
+            f"the quantized model gives the same output for all {len(probe[0])} calibration rows on {name!r} "
+            f"(the FP32 model does not), far from FP32 ({far}): a collapsed model")
 
 
 TRIAL_TIMING_BUDGET_S = 1.5
@@ -241,7 +262,19 @@ def _time_trial(job: TrialJob, candidate: Candidate, inputs: list, result: Trial
     result.latency_ms = speed.b1_ms["trial"]
     result.latency_batch_ms = speed.batch_ms.get("trial")
     if job.compare_fp32:
-        result.speedup = round(speed.speedup("fp32", "trial"), 4)
+        result.fp32_latency_ms = speed.b1_ms["fp32"]
+        result.speedup = speed.speedup("fp32", "trial")
+
+
+def _int8_ops(job: TrialJob, candidate: Candidate) -> dict[str, list[int]] | None:
+    """The candidate's INT8 coverage; None when its backend can't count it. Coverage informs the
+    report, so a counting error is logged and never fails the trial."""
+    try:
+        return candidate.int8_ops()
+    except Exception as err:  # noqa: BLE001
+        log.warning("nano-tfx: %s/%s: INT8 coverage not counted (%s: %s)", job.backend, job.precision,
+                    type(err).__name__, err)
+        return None
 
 
 def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
@@ -254,10 +287,9 @@ def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
         candidate = backend.quantize(prepared, job.precision, config, job.calibration, ctx)
         check_outputs(job, candidate)
         result = TrialResult(config, candidate=candidate, evaluations=ctx.evaluations if ctx else 0)
+        result.int8_ops = _int8_ops(job, candidate)
         if job.evaluator is not None:
             result.evaluations += 1
-            from nano_tfx.result import QuantizedModel
-
             model = QuantizedModel(candidate, job.source)
             result.metric = job.evaluator.evaluate(candidate.run, job.evaluation, model=model)
             if not np.isfinite(result.metric):
@@ -270,8 +302,6 @@ def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
             _time_trial(job, candidate, next(iter(job.calibration)), result)
         if job.artifact_root:
             out = os.path.join(job.artifact_root, trial_dir_name(config, job.backend, job.precision))
-            from nano_tfx.result import write_model_dir
-
             write_model_dir(out, candidate, job.source.inputs, job.source.outputs, config, job.backend)
             result.artifact_dir = out
         result.size_bytes = candidate.size_bytes(result.artifact_dir)
@@ -296,6 +326,12 @@ def diagnose_trial(job: TrialJob, candidate: Candidate, max_samples: int = 256) 
     return backend.diagnose(prepared, candidate, take_samples(job.calibration, max_samples))
 
 
+def job_diagnoser(job: TrialJob) -> Callable[[Any, Candidate, int], list[dict]]:
+    """``QuantizedModel.diagnose``'s engine: ``diagnose_trial`` on the user's batches."""
+    return lambda batches, candidate, max_samples: diagnose_trial(
+        replace(job, calibration=batches), candidate, max_samples)
+
+
 class TrialRunner(abc.ABC):
     """Runs a batch of trial configs; ``parallelism`` is how many the tuner proposes at once."""
 
@@ -310,8 +346,6 @@ class TrialRunner(abc.ABC):
         if result.candidate is not None:
             return result.candidate
         backend, _ = _backend_and_prepared(job)
-        from nano_tfx.result import read_manifest
-
         return backend.load(result.artifact_dir, read_manifest(result.artifact_dir))
 
 

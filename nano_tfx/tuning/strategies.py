@@ -86,6 +86,9 @@ class BasicStrategy(Strategy):
         self.reasons: dict[str, dict] = {}
         self.groups: dict[str, list[str]] = {}  # layer -> fallback names that remove its error
         self.refined: set[str] = set()  # keys of refinement trials (never diagnosed)
+        # fallback names in the order the ranking of the day chose them: within one step (which
+        # the tuner credits as a whole) the diagnosis that picked it tells its layers apart
+        self.picked: list[str] = []
         self._refinements_left = [dict(r) for r in space.refinements]
         self.target: float | None = None  # the criterion's bound, in score units
         self.noise = 0.0  # a gain at or below it is not evidence that a step helped
@@ -197,17 +200,19 @@ class BasicStrategy(Strategy):
             current = set(best.fallback)
             if history:
                 current |= set(history[-1][0].fallback)
-            size, step = self._step_size(history), set()
+            size, step = self._step_size(history), []
             for name in self.ranking:
                 if len(step) >= size:
                     break
                 if name not in current and name not in step:
-                    step |= {n for n in self.groups.get(name, [name]) if n in allowed} | {name}
+                    group = [n for n in self.groups.get(name, [name]) if n in allowed and n != name]
+                    step += [name] + [n for n in group if n not in step]
             if not step:
                 break
-            cfg = TrialConfig.make(dict(best.knobs), sorted(current | step))
+            cfg = TrialConfig.make(dict(best.knobs), sorted(current | set(step)))
             if cfg.key() in self.tried:
                 break
+            self.picked += [n for n in step if n not in self.picked]
             yield cfg
         scored = self._best(history)
         for cfg in self._knob_variants():

@@ -4,10 +4,16 @@ backends under ONE budget.
 ``max_trials`` and ``timeout`` bound the whole ``quantize`` call, ``accelerator='auto'`` included:
 the backends take turns (a round gives each unfinished backend one batch of trials), a backend
 leaves the rotation when one of its trials meets the criterion or its strategy runs dry, and the
-call stops when every backend has left, after ``max_trials`` trials in all, or once ``timeout``
-seconds have passed (checked before each batch and before preparing a backend: a running trial is
-never interrupted, and the first trial always runs). Without an evaluator there is no search: one
-fully quantized trial per backend (the seed's default).
+call stops when every backend has left, after ``max_trials`` trials in all, or at the timeout.
+
+The timeout rule: a running trial is never interrupted, so work is only started when it is
+expected to *end* before the deadline. The very first trial of the call always runs; after it, a
+batch of trials does not start when its expected duration would end past the deadline, and a
+backend is not prepared when its preparation plus one trial would. Expected durations come from
+this call: a backend's earlier steps (trials plus the diagnosis between them); before its first
+trial, the longer of its own preparation (conversion) time and the shortest step seen so far;
+before preparing it, the cheapest preparation + first step of the backends already tried.
+Without an evaluator there is no search: one fully quantized trial per backend (the seed's default).
 """
 from __future__ import annotations
 
@@ -16,9 +22,10 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 from nano_tfx.backends.base import Candidate, SearchSpace, TrialConfig, backend_class
+from nano_tfx.progress import TrialHook
 from nano_tfx.report import Report, TrialRecord
 from nano_tfx.tuning.runner import (
     LocalRunner, TrialJob, TrialResult, TrialRunner, _backend_and_prepared, diagnose_trial,
@@ -26,9 +33,6 @@ from nano_tfx.tuning.runner import (
 from nano_tfx.tuning.strategies import Strategy, make_strategy
 
 log = logging.getLogger("nano_tfx")
-
-#: called with each trial's record as soon as it is judged (progress lines, callbacks, logs)
-TrialHook = Callable[[TrialRecord], None]
 
 
 @dataclass
@@ -43,12 +47,23 @@ class Budget:
     def left(self) -> int | None:
         return None if self.max_trials is None else max(0, self.max_trials - self.trials)
 
-    def spent(self) -> str | None:
-        """Why no further trial may start (None while the budget lasts)."""
+    def seconds_left(self) -> float | None:
+        """Seconds until the deadline (negative past it); None without a timeout."""
+        return None if not self.timeout else self.started + self.timeout - time.perf_counter()
+
+    def spent(self, expected_s: float = 0.0, what: str = "trial") -> str | None:
+        """Why work expected to take ``expected_s`` seconds may not start (None while the budget
+        lasts). The first trial of the call always may."""
         if self.max_trials is not None and self.trials >= self.max_trials:
             return f"max_trials={self.max_trials} reached"
-        if self.timeout and time.perf_counter() - self.started >= self.timeout and self.trials > 0:
+        left = self.seconds_left()
+        if left is None or self.trials == 0:
+            return None
+        if left <= 0:
             return f"timeout={self.timeout:g}s reached"
+        if expected_s > left:
+            return (f"timeout={self.timeout:g}s: the next {what} (~{expected_s:.1f}s expected) "
+                    f"would end {expected_s - left:.1f}s past it")
         return None
 
 
@@ -78,6 +93,22 @@ class _State:
     best_score: float | None = None
     trials: int = 0
     done: bool = False
+    prepare_seconds: float | None = None  # backend preparation (conversion) in this call
+    step_seconds: list = field(default_factory=list)  # wall time of each step: trials + diagnosis
+
+
+def _expected_step_s(state: _State, states: Sequence[_State]) -> float:
+    """How long this job's next step is expected to take (see the module doc)."""
+    if state.step_seconds:
+        return sum(state.step_seconds) / len(state.step_seconds)
+    seen = [s.step_seconds[0] for s in states if s.step_seconds]
+    return max(state.prepare_seconds or 0.0, min(seen, default=0.0))
+
+
+def _expected_open_s(states: Sequence[_State]) -> float:
+    """Preparing a backend and running its first step, from the backends already tried."""
+    seen = [(s.prepare_seconds or 0.0) + s.step_seconds[0] for s in states if s.step_seconds]
+    return min(seen, default=0.0)
 
 
 def _score(job: TrialJob, result: TrialResult, use_mse: bool) -> float | None:
@@ -94,10 +125,12 @@ def _record(report: Report, job: TrialJob, result: TrialResult) -> TrialRecord:
         index=len(report.trials), key=result.config.key(), backend=job.backend, precision=job.precision,
         config=result.config.to_dict(), metric=result.metric, passed=result.passed,
         latency_ms=result.latency_ms, latency_batch_ms=result.latency_batch_ms, batch=job.latency_batch,
-        size_bytes=result.size_bytes, seconds=round(result.seconds, 3), speedup=result.speedup,
+        size_bytes=result.size_bytes, seconds=result.seconds, speedup=result.speedup,
+        fp32_latency_ms=result.fp32_latency_ms,
         status=result.status,  # type: ignore[arg-type]
         error=result.error, traceback=result.traceback, evaluations=result.evaluations,
         output_mse=result.output_mse, worker=result.worker, artifact_dir=result.artifact_dir,
+        int8_ops=result.int8_ops,
     )
     report.trials.append(rec)
     return rec
@@ -119,7 +152,9 @@ def _reused(previous: Report | None, job: TrialJob, config: TrialConfig) -> Tria
     return TrialResult(
         config, metric=rec.metric, passed=passed, latency_ms=rec.latency_ms,
         latency_batch_ms=rec.latency_batch_ms, size_bytes=rec.size_bytes, seconds=0.0, speedup=rec.speedup,
+        fp32_latency_ms=rec.fp32_latency_ms,
         status="reused", output_mse=rec.output_mse, worker=rec.worker, artifact_dir=rec.artifact_dir,
+        int8_ops=rec.int8_ops,
     )
 
 
@@ -241,29 +276,48 @@ def _guide(state: _State, report: Report, runner: TrialRunner, results: list[Tri
         report.layers.extend({**row, "backend": job.backend, "precision": job.precision} for row in layers)
 
 
-def _metric_gains(state: _State) -> dict[str, float]:
-    """Per layer, how much moving it to FP32 raised the metric in this job's trials: each trial
-    whose fallback adds layers to an earlier trial's (the largest such one) credits them with the
-    score difference, NNCF-style ranking by measured harm. Metric units, higher is better."""
+def _metric_gains(state: _State) -> dict[str, tuple[float, int]]:
+    """Per layer, how much moving it to FP32 raised the metric in this job's trials, NNCF-style
+    ranking by measured harm: each trial whose fallback adds layers to an earlier trial's (the
+    largest such one) credits them with the score difference (metric units, higher is better)
+    and how many layers it added, since one step's gain is not each of its layers' (issue 17).
+
+    A trial that scores where its parent collapsed or failed has no metric to subtract from: its
+    new layers get ``math.inf`` (rescued). Left uncredited, the culprit of a collapsed full INT8
+    ranked below any layer of a later step that won back a little."""
     if state.use_mse or not state.controlled:
         return {}
-    # only a parent with the same knobs isolates the layers' effect (refinements change knobs)
-    scored = [(cfg.knobs, set(cfg.fallback), score) for cfg, score in state.history if score is not None]
-    gains: dict[str, float] = {}
-    for i, (knobs, fallback, score) in enumerate(scored):
-        if not fallback:
+    trials = [(cfg.knobs, set(cfg.fallback), score) for cfg, score in state.history]
+    gains: dict[str, tuple[float, int]] = {}
+    for i, (knobs, fallback, score) in enumerate(trials):
+        if not fallback or score is None:
             continue
-        parents = [(fb, sc) for kn, fb, sc in scored[:i] if kn == knobs and fb < fallback]
-        if not parents:
-            continue
-        parent_fb, parent_score = max(parents, key=lambda p: len(p[0]))
-        for name in fallback - parent_fb:
+        # only a parent with the same knobs isolates the layers' effect (refinements change knobs)
+        parents = [(fb, sc) for kn, fb, sc in trials[:i] if kn == knobs and fb < fallback]
+        scored = [p for p in parents if p[1] is not None]
+        if scored:
+            parent_fb, parent_score = max(scored, key=lambda p: len(p[0]))
             gain = score - parent_score
-            gains[name] = max(gains.get(name, gain), gain)
+        elif parents:
+            parent_fb, gain = max(parents, key=lambda p: len(p[0]))[0], math.inf
+        else:
+            continue
+        added = fallback - parent_fb
+        for name in added:
+            old = gains.get(name)
+            if old is None or gain / len(added) > old[0] / old[1]:
+                gains[name] = (gain, len(added))
     return gains
 
 
-def _credit_gains(state: _State, report: Report, gains: dict[str, float]) -> None:
+def _gain_fields(gain: tuple[float, int]) -> dict:
+    """A layer row's record of its step's measured gain (``rescued``: there was no metric to beat)."""
+    value, layers = gain
+    return {"rescued": True, "step_layers": layers} if math.isinf(value) else {
+        "metric_gain": value, "step_layers": layers}
+
+
+def _credit_gains(state: _State, report: Report, gains: dict[str, tuple[float, int]]) -> None:
     """Put the measured metric gains on this backend's layer rows and re-rank them by harm."""
     from nano_tfx.diagnosis import rank_by_harm
 
@@ -273,17 +327,21 @@ def _credit_gains(state: _State, report: Report, gains: dict[str, float]) -> Non
         return
     for row in mine:
         if row["name"] in gains:
-            row["metric_gain"] = round(gains[row["name"]], 6)
+            row.update(_gain_fields(gains[row["name"]]))
     job = state.job
     noise = 0.0
     if job.criterion is not None and job.baseline is not None:
         # a gain within twice the drop the criterion tolerates is not evidence of harm
         noise = 2.0 * abs(job.baseline - job.criterion.bound(job.baseline))
+    # One step's layers share its gain: among them the diagnosis that picked the step (the
+    # strategy's order) knows the culprit, the full-INT8 one (the rows' order) may not.
+    picked = {n: i for i, n in enumerate(getattr(state.strategy, "picked", ()))}
+    mine.sort(key=lambda r: picked.get(r["name"], len(picked)))
     ranked = iter(rank_by_harm(mine, noise))
     report.layers[:] = [next(ranked) if r.get("backend") == backend else r for r in report.layers]
 
 
-def _kept_fp32(state: _State, gains: dict[str, float]) -> list[dict]:
+def _kept_fp32(state: _State, gains: dict[str, tuple[float, int]]) -> list[dict]:
     """The chosen config's FP32 layers with the diagnosis that put them there."""
     chosen = state.outcome.chosen
     reasons = getattr(state.strategy, "reasons", {}) if state.strategy else {}
@@ -291,14 +349,24 @@ def _kept_fp32(state: _State, gains: dict[str, float]) -> list[dict]:
     for name in chosen.config.fallback if chosen else ():
         row = reasons.get(name)
         if row is not None and name in gains:
-            row = {**row, "metric_gain": round(gains[name], 6)}
+            row = {**row, **_gain_fields(gains[name])}
         why = ("not diagnosed (backend's fallback order)" if row is None else
                f"adds relative MSE {row['added_mse']:.3g} (output SQNR {row['sqnr_db']:.1f} dB, "
                f"input max/median {row.get('range_ratio')})"
-               + (f"; keeping it in FP32 raised the metric by {row['metric_gain']:+.4g}"
-                  if row.get("metric_gain") is not None else ""))
+               + _gain_reason(row))
         out.append({"name": name, "backend": state.job.backend, "reason": why, **(row or {})})
     return out
+
+
+def _gain_reason(row: dict) -> str:
+    """What keeping the layer in FP32 did to the metric, for ``kept_fp32``'s reason."""
+    others = int(row.get("step_layers") or 1) - 1
+    with_others = f" (with {others} other layer{'s' if others > 1 else ''})" if others > 0 else ""
+    if row.get("rescued"):
+        return f"; keeping it in FP32{with_others} made a collapsed or failed trial score"
+    if row.get("metric_gain") is not None:
+        return f"; keeping it in FP32{with_others} raised the metric by {row['metric_gain']:+.4g}"
+    return ""
 
 
 def tune(
@@ -336,15 +404,24 @@ def tune(
         if not active:
             break
         for i in active:
-            stop = budget.spent()
+            state = states[i]
+            what = f"{state.job.backend} trial"
+            if i not in opened:
+                stop = budget.spent(_expected_open_s(states), f"{state.job.backend} preparation and trial")
+                if stop:
+                    break
+                opened.add(i)
+                started = time.perf_counter()
+                ok = _open(state, strategy, report, strict)
+                state.prepare_seconds = time.perf_counter() - started
+                if not ok:
+                    continue
+            stop = budget.spent(_expected_step_s(state, states), what)
             if stop:
                 break
-            state = states[i]
-            if i not in opened:
-                opened.add(i)
-                if not _open(state, strategy, report, strict):
-                    continue
+            started = time.perf_counter()
             _step(state, report, budget, runner, previous, hooks)
+            state.step_seconds.append(time.perf_counter() - started)
     for state in states:
         if not state.done:
             state.outcome.stop_reason = stop

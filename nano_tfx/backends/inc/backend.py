@@ -97,6 +97,11 @@ class IncCandidate(Candidate):
     def manifest_info(self) -> dict:
         return {"input_tensors": self.input_tensors, "output_tensors": self.output_tensors}
 
+    def int8_ops(self) -> dict[str, list[int]] | None:
+        from nano_tfx.backends.inc.coverage import count
+
+        return count(self.graph_def)
+
 
 @register(None)
 class IncBackend(Backend):

@@ -2,7 +2,8 @@
 
 Duties (see ``nano_tfx.backends.base.Backend``): ``convert`` (tf2onnx + pre-processing),
 ``space`` (knobs, fallback order), ``quantize`` (calibration feeding; the quantize call itself
-is ``OnnxRuntimeBackend.quantize`` in ``backend``), ``diagnose`` (per-layer error).
+is ``OnnxRuntimeBackend.quantize`` in ``backend``), ``diagnose`` (per-layer error), ``coverage``
+(INT8 ops counted in the quantized ONNX graph).
 """
 from nano_tfx.backends.onnxruntime.backend import MODEL_FILE, OnnxRuntimeBackend, OrtCandidate
 from nano_tfx.backends.onnxruntime.convert import OrtPrepared

@@ -132,6 +132,14 @@ class OrtCandidate(Candidate):
         except OSError:
             return None
 
+    def int8_ops(self) -> dict[str, list[int]] | None:
+        # Counted once, from the graph the quantizer wrote (no second session to inspect).
+        if getattr(self, "_int8_ops", None) is None:
+            from nano_tfx.backends.onnxruntime.coverage import count_file
+
+            self._int8_ops = count_file(self.model_path)
+        return {k: list(v) for k, v in self._int8_ops.items()}
+
     # Pickling: ship the bytes, not the session (InferenceSession can't be pickled).
     def __getstate__(self) -> dict:
         skip = ("session", "_sess_run", "run", "_finalizer")

@@ -27,7 +27,6 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -47,6 +46,8 @@ from nano_tfx.backends.openvino.convert import (
     _WEIGHTED_TYPES, _has_attention, _port_indices, _rebuild_io, _stable_names, convert_via_onnx,
     unsupported_tf_ops,
 )
+from nano_tfx.backends.openvino.core import _core, cpu_capabilities  # noqa: F401 - re-exported
+from nano_tfx.backends.openvino.diagnose import diagnose as _diagnose
 from nano_tfx.interchange import SavedModelSource
 
 _LOG = logging.getLogger("nano_tfx.backends.openvino")
@@ -61,25 +62,6 @@ _OVERFLOW_FIXES = ("auto", "enable", "first_layer", "disable")
 # per-tensor range (the *mean* over items of each item's min/max) is no longer an estimate of
 # the tensor's range (see _activation_range): E[max of 32 N(0,1) draws] is already only ~2 sd.
 _MIN_VALUES_FOR_MEAN_MINMAX = 32
-
-
-# --------------------------------------------------------------------------------------------
-# process-wide OpenVINO state
-# --------------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def _core():
-    import openvino as ov
-
-    return ov.Core()
-
-
-@lru_cache(maxsize=1)
-def cpu_capabilities() -> frozenset[str]:
-    """``OPTIMIZATION_CAPABILITIES`` of the CPU plugin, e.g. {'FP32', 'INT8', 'BF16', 'FP16'}."""
-    try:
-        return frozenset(str(c) for c in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-    except Exception:  # pragma: no cover - plugin missing/broken: only what every CPU does
-        return frozenset({"FP32", "INT8"})
 
 
 class _Precisions:
@@ -179,6 +161,11 @@ class OpenVINOCandidate(Candidate):
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         return {"files": [MODEL_XML, MODEL_BIN], "inference_precision_hint": str(hint),
                 "openvino": _ov_version(), **{k: v for k, v in self.details.items() if k != "loaded_from"}}
+
+    def int8_ops(self) -> dict[str, list[int]] | None:
+        from nano_tfx.backends.openvino.coverage import count
+
+        return count(self.compiled)
 
     def save(self, directory: str) -> None:
         import openvino as ov
@@ -514,9 +501,7 @@ class OpenVINOBackend(Backend):
 
     def diagnose(self, prepared: OpenVINOPrepared, candidate: Candidate,
                  batches: Sequence[Sequence[np.ndarray]]) -> list[dict]:
-        from nano_tfx.backends.openvino.diagnose import diagnose
-
-        return diagnose(self, prepared, candidate, batches)
+        return _diagnose(self, prepared, candidate, batches)
 
     def load(self, directory: str, manifest: Mapping[str, Any]) -> OpenVINOCandidate:
         precision = manifest.get("precision", "int8")

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from nano_tfx import diagnosis
+from nano_tfx.backends.openvino.core import _core
 
 
 def _activation_input(op):
@@ -61,8 +62,6 @@ def _is_quantized(op) -> bool:
 
 
 def _tap(backend, model, names: Sequence[str], input_names: Sequence[str]) -> diagnosis.Tap:
-    from nano_tfx.backends.openvino.backend import _core
-
     model = model.clone()
     by_name = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
     found = [n for n in names if n in by_name]
