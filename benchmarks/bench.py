@@ -260,6 +260,9 @@ def nano(case: ModelCase, accelerator: str | None, precision: str) -> Callable[[
                 v.notes = "auto chose " + q.backend + " (trial latencies: " + ", ".join(
                     f"{t.backend}={t.latency_ms:.3g}ms" if t.latency_ms else f"{t.backend}={t.status}"
                     for t in rep.trials) + ")"
+            # nano's own side-by-side numbers (its final timing), beside the bench's rows
+            v.extra["report_speed"] = {"speedup": rep.speedup, "int8_gain": rep.int8_gain,
+                                       "engine_fp32_latency_ms": rep.engine_fp32_latency_ms}
             cfg = rep.trials[rep.chosen].config if rep.chosen is not None and rep.trials else None
             if cfg:
                 v.extra["config"] = cfg
@@ -516,6 +519,7 @@ def rows_for(case: ModelCase, variants: list[Variant]) -> tuple[list[dict], str 
             "own_raw": v.own_raw,
             "ratio_b1_vs_own_raw": _r(_ratio_per_round(e.get("b1", []), own.extra["b1"]) if own_ok else None, 3),
             "ratio_run_vs_direct": _r(_ratio_per_round(e.get("b1", []), e.get("direct", [])), 3),
+            "gain_b1_vs_engine_fp32": _r(_engine_fp32_gain(v, by), 3),
             "build_s": v.build_s,
             "b1_ms_rounds": [_r(t) for t in e.get("b1", [])],
             "b32_ms_rounds": [_r(t) for t in e.get("b32", [])],
@@ -523,9 +527,20 @@ def rows_for(case: ModelCase, variants: list[Variant]) -> tuple[list[dict], str 
             "b1_direct_ms_rounds": [_r(t) for t in e.get("direct", [])],
             "notes": v.notes,
             "details": {k: val for k, val in e.items()
-                        if k in ("report_trials", "config", "ref_distinct_top1")},
+                        if k in ("report_trials", "report_speed", "config", "ref_distinct_top1")},
         })
     return rows, (fastest[0] if fastest else None)
+
+
+def _engine_fp32_gain(v: Variant, by: dict) -> float | None:
+    """The same engine's FP32 row's b1 ms ÷ this row's (> 1: faster than the engine's FP32), for
+    the engines' INT8/BF16 rows (auto: the engine it chose); median over rounds of the per-round
+    ratio. None where the engine has no FP32 row (INC, TFLite) or the row is FP32 itself."""
+    engine = v.engine.split("->")[-1]  # "auto->openvino"
+    fp32 = by.get(f"raw-{engine}-fp32")
+    if v.precision == "fp32" or v.status != "ok" or fp32 is None or fp32.status != "ok":
+        return None
+    return _ratio_per_round(fp32.extra.get("b1", []), v.extra.get("b1", []))
 
 
 def _r(x: float | None, nd: int = 3) -> float | None:
@@ -679,7 +694,8 @@ def _fmt(x: Any, spec: str = "{:.2f}") -> str:
 
 
 TABLE_COLUMNS = ("model", "variant", "engine", "prec", "b1 ms", "b1 __call__ ms", "b32 img/s", "accuracy",
-                 "acc kind", "size MB", "b1/TF-FP32", "b1/fastest-raw", "b1/own-raw", "status")
+                 "acc kind", "size MB", "b1/TF-FP32", "b1/fastest-raw", "b1/own-raw", "÷ same engine FP32",
+                 "status")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -690,7 +706,7 @@ def markdown_table(rows: list[dict]) -> str:
                  _fmt(r["b32_ips"], "{:.1f}"), _fmt(r["accuracy"], "{:.4f}"), kinds.get(r["accuracy_kind"], ""),
                  _fmt(r["size_mb"], "{:.2f}"), _fmt(r["ratio_b1_vs_tf_fp32"], "{:.3f}"),
                  _fmt(r["ratio_b1_vs_fastest_raw"], "{:.3f}"), _fmt(r["ratio_b1_vs_own_raw"], "{:.3f}"),
-                 r["status"]]
+                 _fmt(r.get("gain_b1_vs_engine_fp32"), "{:.2f}×"), r["status"]]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -710,7 +726,8 @@ def markdown(result: dict) -> str:
         "b1 = median (over rounds) of the median latency of one batch-1 call; b32 img/s = 32 / median batch-32 "
         "latency. Wrapper rows are timed via `QuantizedModel.run([x])`; `__call__` in its own column. "
         "TF FP32 = Keras model in `tf.function` (fixed input_signature). Ratios are latency ratios "
-        "(lower = faster); per-round for b1/own-raw.",
+        "(lower = faster); per-round for b1/own-raw. \"÷ same engine FP32\" = the engine's raw FP32 row's "
+        "b1 ÷ this row's (higher = faster; what INT8/BF16 adds over the engine itself), per-round.",
         "",
         markdown_table(rows),
         "",
@@ -896,8 +913,8 @@ def main(argv: list[str] | None = None) -> int:
 ROW_KEYS = ("model", "variant", "kind", "engine", "precision", "api", "status", "b1_ms", "b1_call_ms",
             "b1_direct_ms", "b32_ms", "b32_ips", "accuracy", "accuracy_kind", "agreement_vs_tf",
             "out_rel_l2_vs_tf", "size_mb", "ratio_b1_vs_tf_fp32", "ratio_b1_vs_fastest_raw", "own_raw",
-            "ratio_b1_vs_own_raw", "ratio_run_vs_direct", "build_s", "b1_ms_rounds", "b32_ms_rounds",
-            "b1_call_ms_rounds", "b1_direct_ms_rounds", "notes", "details")
+            "ratio_b1_vs_own_raw", "ratio_run_vs_direct", "gain_b1_vs_engine_fp32", "build_s", "b1_ms_rounds",
+            "b32_ms_rounds", "b1_call_ms_rounds", "b1_direct_ms_rounds", "notes", "details")
 
 
 def _complete(row: dict):

@@ -23,8 +23,8 @@ from nano_tfx.metrics import check_metric_value, make_evaluator
 from nano_tfx.progress import ProgressLine, TrialHook, as_hooks
 from nano_tfx.report import Report
 from nano_tfx.result import QuantizedModel
-from nano_tfx.speed import DEFAULT_BUDGET_S, check_min_speedup, side_by_side
-from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialRunner, job_diagnoser
+from nano_tfx.speed import DEFAULT_BUDGET_S, check_min_speedup, engine_fp32_variant, side_by_side
+from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialRunner, engine_fp32, job_diagnoser
 from nano_tfx.tuning.strategies import PUBLIC_STRATEGIES, STRATEGIES
 from nano_tfx.tuning.tuner import Budget, tune
 
@@ -234,9 +234,11 @@ def quantize(
 
     Speed is measured every time: the FP32 signature and the result are timed side by side at
     the end (``report.fp32_latency_ms``, ``report.speedup`` = FP32 ms ÷ result ms at batch 1;
-    each trial's ``speedup`` is timed when it ran). ``min_speedup`` (default None: no gate) is a
-    speed bar: a trial slower than ``min_speedup`` × FP32 does not pass, whatever its accuracy
-    (with ``accelerator='auto'`` the bar applies to the chosen, fastest model), and the result
+    each trial's ``speedup`` is timed when it ran), beside the result's engine running its own FP32
+    model (``report.engine_fp32_latency_ms``, ``report.int8_gain`` = that ms ÷ result ms).
+    ``min_speedup`` (default None: no gate) is a speed bar: a trial slower than ``min_speedup`` ×
+    FP32 does not pass, whatever its accuracy (with ``accelerator='auto'`` the bar applies to the
+    chosen, fastest model), and the result
     is confirmed side by side; when it is missed ``SpeedupNotMet`` (an ``AccuracyCriterionNotMet``)
     is raised with the model and report.
 
@@ -395,6 +397,7 @@ def _record_coverage(report: Report, final: Any) -> None:
     trial = report.trials[index] if index is not None else None
     report.int8_ops = trial.int8_ops if trial is not None else None
     report.result_precision = final.job.precision
+    report.result_backend = final.job.backend
 
 
 def measure_baseline(evaluator: Any, source: SavedModelSource, evaluation: Any,
@@ -459,6 +462,7 @@ def _fastest(finalists: list, fallback: Any, report: Report, reference: Quantize
 
     runs = {"fp32": reference.run}
     runs.update({f"trial {index(o)}": QuantizedModel(o.candidate, reference).run for o in timed})
+    runs.update(_engine_fp32_runs(timed, reference))
     speed = side_by_side(runs, inputs, batch=batch, budget_s=budget_s)
     report.side_by_side = speed.to_dict()
     report.fp32_latency_ms = speed.b1_ms["fp32"]
@@ -467,7 +471,25 @@ def _fastest(finalists: list, fallback: Any, report: Report, reference: Quantize
                                        for o in finalists}
     pick = min(timed, key=lambda o: speed.b1_ms[f"trial {index(o)}"])
     report.speedup = speed.speedup("fp32", f"trial {index(pick)}")
+    report.result_backend = pick.job.backend
+    engine = engine_fp32_variant(pick.job.backend)
+    report.engine_fp32_latency_ms = speed.b1_ms.get(engine)
+    report.int8_gain = speed.speedup(engine, f"trial {index(pick)}")
     return pick if finalists else None
+
+
+def _engine_fp32_runs(timed: list, reference: QuantizedModel) -> dict:
+    """One "<backend> fp32" variant per engine among ``timed``: the engine's own FP32 model, timed
+    in the same run as the trials so ``report.int8_gain`` (what INT8 adds over the engine) comes
+    from the same timer as ``report.speedup`` (what the whole swap buys over TensorFlow)."""
+    runs: dict = {}
+    for o in timed:
+        name = engine_fp32_variant(o.job.backend)
+        if name not in runs:
+            candidate = engine_fp32(o.job)
+            if candidate is not None:
+                runs[name] = QuantizedModel(candidate, reference).run
+    return runs
 
 
 def _too_slow(report: Report, request: QuantizationRequest, chosen: Any, baseline: float | None) -> bool:

@@ -71,6 +71,11 @@ class Report:
     fp32_latency_ms: float | None = None
     speedup: float | None = None
     min_speedup: float | None = None  # the speed gate of the call (None: no gate)
+    # The returned model's engine running its own FP32 model, timed in the same run (variant
+    # "<backend> fp32"), and that ms ÷ the returned model's ms: what INT8 (or BF16/FP16) adds over
+    # the engine, while ``speedup`` also counts the engine's gain over TensorFlow. None: not timed.
+    engine_fp32_latency_ms: float | None = None
+    int8_gain: float | None = None
     side_by_side: dict | None = None  # every timed variant at batch 1 and the evaluation batch
     stop_reason: str | None = None
     # accelerator='auto': {trial index: batch-1 ms} of the finalists, re-timed side by side
@@ -87,6 +92,7 @@ class Report:
     int8_ops: dict | None = None
     # precision of the returned model (the request's may be "auto"); None: unknown
     result_precision: str | None = None
+    result_backend: str | None = None  # engine of the returned model ("auto" picks one)
 
     # -- access ----------------------------------------------------------------------------
     def int8_coverage_text(self) -> str | None:
@@ -100,14 +106,18 @@ class Report:
         return coverage_text(self.int8_ops, precision)
 
     def speed_summary(self) -> str:
-        """"INT8 x ms vs FP32 y ms (z×)" for the returned model (batch 1, side by side)."""
-        from nano_tfx.speed import speed_text
+        """"INT8 x ms vs FP32 y ms (z×)" for the returned model (batch 1, side by side), then its
+        gain over the same engine's FP32 when timed ("; 1.85× the same engine's FP32 (...)")."""
+        from nano_tfx.speed import engine_gain_text, speed_text
 
         ms = self.fp32_latency_ms / self.speedup if self.fp32_latency_ms and self.speedup else None
         text = speed_text(self.precision if self.precision != "auto" else None, ms, self.fp32_latency_ms)
         if self.min_speedup:
             ok = self.speedup is not None and self.speedup >= self.min_speedup
             text += f", min_speedup={self.min_speedup:g} {'met' if ok else 'NOT met'}"
+        gain = engine_gain_text(self.int8_gain, self.engine_fp32_latency_ms, self.result_backend)
+        if gain:
+            text += f"; {gain}"
         return text
 
     @property

@@ -73,7 +73,9 @@ def summary_rows(report: "Report") -> list[tuple[str, str]]:
                                  + (f" (metric {bound})" if bound else "")))
     speed = report.speed_summary()
     if report.speedup is not None:
-        speed += " (batch 1; the returned model and FP32 timed side by side at the end of the call)"
+        timed = "the returned model, FP32 and the engine's FP32" if report.int8_gain is not None else \
+            "the returned model and FP32"
+        speed += f" (batch 1; {timed} timed side by side at the end of the call)"
     rows.append(("Speed", speed))
     coverage = report.int8_coverage_text()
     if coverage:  # ops counted in the returned model's graph: "INT8" that is mostly FP32 shows here

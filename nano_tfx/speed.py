@@ -133,6 +133,19 @@ def check_min_speedup(value: Any) -> float | None:
     return float(value)
 
 
+def engine_fp32_variant(backend: str) -> str:
+    """The side-by-side variant name of ``backend``'s own FP32 model (``report.side_by_side``)."""
+    return f"{backend} fp32"
+
+
+def engine_gain_text(gain: float | None, engine_fp32_ms: float | None, backend: str | None) -> str | None:
+    """"1.85× the same engine's FP32 (onnxruntime 0.031 ms)": what the precision adds over the
+    engine running FP32, apart from what the engine itself adds over TensorFlow. None: not timed."""
+    if gain is None or engine_fp32_ms is None:
+        return None
+    return f"{gain:.2f}× the same engine's FP32 ({backend or 'engine'} {engine_fp32_ms:.3f} ms)"
+
+
 def speed_text(precision: str | None, latency_ms: float | None, fp32_latency_ms: float | None) -> str:
     """"INT8 x ms vs FP32 y ms (z×)" (batch 1), the wording of reports and blessing messages."""
     if latency_ms is None or fp32_latency_ms is None:

@@ -39,6 +39,9 @@ def test_every_two_epochs_logs_keeps_best_and_saves(flavor, digits, tmp_path):
     rep = cb.quantized_model.report  # the kept (best) model's report: FP32 and INT8 side by side
     kept = next(h for h in cb.history if h["epoch"] == cb.best_epoch)
     assert rep.fp32_latency_ms > 0 and rep.speedup == pytest.approx(kept["int8_speedup"])
+    # next to it, the gain over the same engine's FP32 (timed in the same run)
+    assert "int8_gain" in logs and all(h["int8_gain"] > 0 for h in cb.history)
+    assert rep.int8_gain == pytest.approx(kept["int8_gain"])
     best = max(range(2), key=lambda i: values[i])
     assert cb.best_epoch == cb.history[best]["epoch"] and cb.best_value == pytest.approx(values[best])
     loaded = nano_tfx.load(tmp_path / "best")

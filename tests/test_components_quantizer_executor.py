@@ -130,6 +130,12 @@ def test_inc_int8_blessed_and_serves_raw_examples(fp32, inc_run):
     assert all(t["speedup"] > 0 for t in report["trials"])
     assert re.search(r"INT8 [\d.]+ ms vs FP32 [\d.]+ ms \([\d.]+×\)", report["tfx"]["blessing_message"])
     assert blessing.get_float_custom_property("speedup") == pytest.approx(report["speedup"])
+    # beside it, the gain over the same engine's FP32 (INC: the frozen FP32 graph)
+    assert report["int8_gain"] > 0 and report["engine_fp32_latency_ms"] > 0
+    assert blessing.get_float_custom_property("int8_gain") == pytest.approx(report["int8_gain"])
+    assert blessing.get_float_custom_property("engine_fp32_latency_ms") == pytest.approx(
+        report["engine_fp32_latency_ms"])
+    assert report["tfx"]["int8_gain"] == report["int8_gain"]
     assert "ms vs FP32" in html
 
 

@@ -16,6 +16,7 @@ TFX_KEYS = {
     "evaluation_split", "sample_size", "fp32_fingerprint", "request_key", "resumed_from", "trial_parallelism",
     "tuning_runner", "min_speedup", "speedup", "fp32_latency_ms", "backend", "serving_dir", "raw_parse_keys",
     "blessed", "blessing_message", "int8_metric", "seconds",
+    "engine_fp32_latency_ms", "int8_gain",  # issue 20: speed vs the same engine's FP32
 }
 CRITERION = {"relative": 0.01, "higher_is_better": True}
 
@@ -56,6 +57,17 @@ def test_blessed_verdict_and_properties():
     assert props == {"blessed": 1, "blessing_message": d.blessing_message, "quantized_metric": 0.965,
                      "fp32_metric": 0.97, "speedup": 3.0, "fp32_latency_ms": 0.5}
     assert all(isinstance(props[k], float) for k in ("quantized_metric", "fp32_metric", "speedup"))
+
+
+def test_gain_over_the_same_engine_is_a_property_and_in_the_message():
+    d = _decision()
+    rep = _report(0.965, 3.0)
+    rep.engine_fp32_latency_ms, rep.int8_gain, rep.result_backend = 0.3, 1.8, "inc"
+    d.judge(rep, met=True, speed_refused=False)
+    assert d.int8_gain == 1.8 and d.engine_fp32_latency_ms == 0.3
+    props = d.blessing_properties()
+    assert props["int8_gain"] == 1.8 and props["engine_fp32_latency_ms"] == 0.3
+    assert "1.80× the same engine's FP32 (inc 0.300 ms)" in d.blessing_message
 
 
 @pytest.mark.parametrize("metric, speedup, met, speed_refused, words", [

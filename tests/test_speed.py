@@ -56,16 +56,24 @@ def test_api_report_has_speed_and_the_gate_refuses_a_slow_model(keras3_cnn, digi
     rep = q.report
     assert rep.fp32_latency_ms > 0 and rep.speedup > 0 and rep.min_speedup is None
     assert rep.trials[0].speedup > 0  # timed beside FP32 in the trial's process
-    assert set(rep.side_by_side["b1_ms"]) == {"fp32", "trial 0"} and rep.side_by_side["batch"] == 32
+    # the engine's own FP32 model is timed in the same run ("onnxruntime fp32": int8_gain)
+    assert set(rep.side_by_side["b1_ms"]) == {"fp32", "trial 0", "onnxruntime fp32"}
+    assert rep.side_by_side["batch"] == 32
+    assert rep.engine_fp32_latency_ms > 0 and rep.int8_gain > 0 and rep.result_backend == "onnxruntime"
     # Stored at full precision: every stored ratio is recomputable from stored times, on any CPU
     # (rounded ms made this fail at ~0.02 ms per call).
     again = nano_tfx.Report.from_json(rep.to_json())
     for r in (rep, again):
         assert r.fp32_latency_ms == r.side_by_side["b1_ms"]["fp32"]
         assert r.speedup == pytest.approx(r.side_by_side["b1_ms"]["fp32"] / r.side_by_side["b1_ms"]["trial 0"], rel=1e-9)
+        assert r.engine_fp32_latency_ms == r.side_by_side["b1_ms"]["onnxruntime fp32"]
+        assert r.int8_gain == pytest.approx(
+            r.side_by_side["b1_ms"]["onnxruntime fp32"] / r.side_by_side["b1_ms"]["trial 0"], rel=1e-9)
         t = r.trials[0]
         assert t.speedup == pytest.approx(t.fp32_latency_ms / t.latency_ms, rel=1e-9)
     assert "ms vs FP32" in rep.table().splitlines()[0]
+    assert "× the same engine's FP32 (onnxruntime " in rep.table().splitlines()[0]
+    assert again.int8_gain == rep.int8_gain and again.engine_fp32_latency_ms == rep.engine_fp32_latency_ms
     assert again.speedup == rep.speedup and again.trials[0].speedup == rep.trials[0].speedup
 
     with pytest.raises(nano_tfx.SpeedupNotMet, match=r"min_speedup=1e\+06 not met: INT8 .* ms vs FP32 .* ms") as info:
@@ -99,5 +107,12 @@ def test_report_shows_speed_in_table_html_and_plot(tmp_path):
     assert "| 2.86× |" in rep.table()
     assert "INT8 2.000 ms vs FP32 6.000 ms (3.00×)" in rep.to_html()
     assert rep.plot_png(str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size > 0
+    # the gain over the same engine's FP32, after the speed-up over TensorFlow
+    rep.engine_fp32_latency_ms, rep.int8_gain, rep.result_backend = 3.7, 3.7 / 2.0, "onnxruntime"
+    assert rep.speed_summary() == ("INT8 2.000 ms vs FP32 6.000 ms (3.00×), min_speedup=1 met; "
+                                   "1.85× the same engine's FP32 (onnxruntime 3.700 ms)")
+    assert rep.table().splitlines()[0].endswith(rep.speed_summary())
+    page = rep.to_html()
+    assert "1.85× the same engine" in page and "FP32 (onnxruntime 3.700 ms)" in page
     slow = Report(backend="inc", precision="int8", fp32_latency_ms=30.2, speedup=30.2 / 33.4, min_speedup=1.0)
     assert slow.speed_summary() == "INT8 33.400 ms vs FP32 30.200 ms (0.90×), min_speedup=1 NOT met"

@@ -68,6 +68,8 @@ class QuantizerDecision:
     # outcome
     speedup: Optional[float] = None  # the report's side-by-side speed-up of the returned model
     fp32_latency_ms: Optional[float] = None
+    engine_fp32_latency_ms: Optional[float] = None  # the returned model's engine running FP32
+    int8_gain: Optional[float] = None  # engine_fp32_latency_ms ÷ the returned model's ms
     backend: Optional[str] = None
     serving_dir: Optional[str] = None
     raw_parse_keys: Optional[list] = None
@@ -106,6 +108,7 @@ class QuantizerDecision:
         gate = self.min_speedup
         speed_ok = not gate or (report.speedup is not None and report.speedup >= gate)
         self.speedup, self.fp32_latency_ms, self.int8_metric = report.speedup, report.fp32_latency_ms, value
+        self.engine_fp32_latency_ms, self.int8_gain = report.engine_fp32_latency_ms, report.int8_gain
         self.blessed = bool(met and bounds_ok and speed_ok)
         speed, name = report.speed_summary(), self.metric
         criterion = describe_criterion(self.user_criterion)
@@ -143,7 +146,8 @@ class QuantizerDecision:
         props: dict[str, Any] = {"blessed": 1 if self.blessed else 0,
                                  "blessing_message": self.blessing_message[:2000]}
         for key, value in (("quantized_metric", self.int8_metric), ("fp32_metric", self.baseline),
-                           ("speedup", self.speedup), ("fp32_latency_ms", self.fp32_latency_ms)):
+                           ("speedup", self.speedup), ("fp32_latency_ms", self.fp32_latency_ms),
+                           ("engine_fp32_latency_ms", self.engine_fp32_latency_ms), ("int8_gain", self.int8_gain)):
             if value is not None:
                 props[key] = float(value)
         return props

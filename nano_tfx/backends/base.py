@@ -205,6 +205,12 @@ class Backend(abc.ABC):
     def load(self, directory: str, manifest: Mapping[str, Any]) -> Candidate:
         """Load a candidate saved by ``Candidate.save`` (no FP32 model needed)."""
 
+    def fp32_candidate(self, prepared: Any) -> Candidate:
+        """This engine's FP32 model, built from what ``prepare`` already made (no second
+        conversion): what a result's ``int8_gain`` divides by, so the engine's own speed-up over
+        TensorFlow is told apart from what INT8 adds. ``NotImplementedError``: gain not reported."""
+        raise NotImplementedError(f"backend {self.name!r} has no FP32 candidate")
+
     def diagnose(self, prepared: Any, candidate: Candidate, batches: Sequence[Sequence[np.ndarray]]) -> list[dict]:
         """Per quantized layer: the error of its output against the FP32 model's same tensor on
         ``batches`` (lists of input arrays). Returns ``nano_tfx.diagnosis.layer_stats`` dicts

@@ -249,6 +249,21 @@ def fp32_reference(job: TrialJob) -> Candidate:
     return _FP32[key]
 
 
+def engine_fp32(job: TrialJob) -> Candidate | None:
+    """The job's engine running its own FP32 model (``Backend.fp32_candidate`` on the prepare
+    cached for this process: no second conversion); None when the backend has none or building
+    it fails — the gain is then not reported, the result stands."""
+    try:
+        backend, prepared = _backend_and_prepared(job)
+        return backend.fp32_candidate(prepared)
+    except NotImplementedError:
+        return None
+    except Exception as err:  # noqa: BLE001 - a side number must never fail the call
+        log.warning("nano-tfx: %s: the engine's FP32 model was not built (%s: %s); int8_gain not reported",
+                    job.backend, type(err).__name__, err)
+        return None
+
+
 def _time_trial(job: TrialJob, candidate: Candidate, inputs: list, result: TrialResult) -> None:
     """The trial's ms at batch 1 (and ``latency_batch``), timed side by side with the FP32
     reference in this process (loaded once per process): its ``speedup`` holds up under load

@@ -32,6 +32,9 @@ class _Prepared:
     model_path: str  # what INC's fit() loads: a SavedModel whose serving_default is the signature
     #: INC's name of each compute node (``compute_nodes``) -> its name in the frozen FP32 graph
     fp32_nodes: dict[str, str] = field(default_factory=dict)
+    #: the frozen FP32 graph ``prepare`` built, with its input and output node names (the
+    #: engine's FP32 model: ``fp32_candidate``, diagnosis), kept so nothing is frozen twice
+    fp32_graph: tuple | None = field(default=None, repr=False, compare=False)
 
 
 class IncCandidate(Candidate):
@@ -135,7 +138,19 @@ class IncBackend(Backend):
             model_path = export_signature_as_default(source.path, source.signature_key,
                                                      os.path.join(workdir, "inc_input_model"))
         return _Prepared(source, workdir, list(dict.fromkeys(ordered)), input_nodes, model_path,
-                         {v: k for k, v in inc_names.items()})
+                         {v: k for k, v in inc_names.items()}, (graph_def, input_nodes, output_nodes))
+
+    def fp32_candidate(self, prepared: _Prepared) -> IncCandidate:
+        """The frozen FP32 graph run by a TF session like the INT8 candidates (same threads,
+        same oneDNN kernels): the engine INC's INT8 replaces, only the precision differs."""
+        from nano_tfx.backends.inc.convert import _frozen_graph
+
+        if prepared.fp32_graph is None:  # a _Prepared from before the graph was kept
+            prepared.fp32_graph = _frozen_graph(prepared.source)
+        graph_def, input_nodes, output_nodes = prepared.fp32_graph
+        source = prepared.source
+        return IncCandidate(graph_def, source.inputs, source.outputs, [f"{n}:0" for n in input_nodes],
+                            [f"{n}:0" for n in output_nodes], "fp32", self.options.thread_num)
 
     def search_space(self, prepared: _Prepared, precision: str, approach: str) -> SearchSpace:
         return SearchSpace(

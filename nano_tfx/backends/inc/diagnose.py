@@ -113,7 +113,7 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
     from nano_tfx.backends.inc.convert import _frozen_graph
 
     if getattr(prepared, "_fp32_graph", None) is None:
-        prepared._fp32_graph = _frozen_graph(prepared.source)
+        prepared._fp32_graph = getattr(prepared, "fp32_graph", None) or _frozen_graph(prepared.source)
     graph_def, input_nodes, _ = prepared._fp32_graph
     fp32_graph = tf.Graph()
     with fp32_graph.as_default():

@@ -481,6 +481,12 @@ class OnnxRuntimeBackend(Backend):
 
     # ---- load -------------------------------------------------------------------------------
 
+    def fp32_candidate(self, prepared: OrtPrepared) -> OrtCandidate:
+        """The pre-processed FP32 ONNX model every trial quantizes from, in a session with the
+        trials' options: the same engine and settings, only the precision differs."""
+        return OrtCandidate(prepared.model_path, prepared.input_names, prepared.output_names, "fp32",
+                            self.session_options())
+
     def load(self, directory: str, manifest: Mapping[str, Any]) -> OrtCandidate:
         path = os.path.join(directory, MODEL_FILE)
         if not os.path.isfile(path):

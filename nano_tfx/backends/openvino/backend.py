@@ -230,6 +230,8 @@ class OpenVINOBackend(Backend):
         if self.options.thread_num:
             config["INFERENCE_NUM_THREADS"] = int(self.options.thread_num)
         config.update(dict(self.options.openvino_config or {}))
+        if precision == "fp32":  # the FP32 reference stays f32 whatever the user's config (AMX CPUs default to bf16)
+            config["INFERENCE_PRECISION_HINT"] = "f32"
         return config
 
     def _candidate(self, model, precision, input_names, output_names, details=None) -> OpenVINOCandidate:
@@ -316,6 +318,10 @@ class OpenVINOBackend(Backend):
             src = prepared.source
             prepared._reference = (key, self._candidate(prepared.model(), "fp32", src.input_names, src.output_names))
         return prepared._reference[1]
+
+    def fp32_candidate(self, prepared: OpenVINOPrepared) -> OpenVINOCandidate:
+        """The prepared FP32 ``ov.Model`` compiled with f32 inference precision (``reference``)."""
+        return self.reference(prepared)
 
     def search_space(self, prepared: OpenVINOPrepared, precision: str, approach: str) -> SearchSpace:
         self.validate(precision, approach)
