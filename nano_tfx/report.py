@@ -5,7 +5,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
+from nano_tfx.coverage import coverage_text, short_text
 from nano_tfx.criterion import describe_criterion
+from nano_tfx.speed import engine_gain_text, speed_text
 
 TrialStatus = Literal["ok", "reused", "failed"]
 
@@ -98,8 +100,6 @@ class Report:
     def int8_coverage_text(self) -> str | None:
         """"INT8: 2 of 2 MatMul, 2 of 2 Conv ops" for the returned model; a model with no op in
         INT8 says so: "INT8: 0 of 3 MatMul ops (the model runs in FP32)". None when not counted."""
-        from nano_tfx.coverage import coverage_text
-
         chosen = self.chosen_trial
         precision = self.result_precision or (chosen.precision if chosen else None) or (
             self.precision if self.precision != "auto" else None)
@@ -108,8 +108,6 @@ class Report:
     def speed_summary(self) -> str:
         """"INT8 x ms vs FP32 y ms (z×)" for the returned model (batch 1, side by side), then its
         gain over the same engine's FP32 when timed ("; 1.85× the same engine's FP32 (...)")."""
-        from nano_tfx.speed import engine_gain_text, speed_text
-
         ms = self.fp32_latency_ms / self.speedup if self.fp32_latency_ms and self.speedup else None
         text = speed_text(self.precision if self.precision != "auto" else None, ms, self.fp32_latency_ms)
         if self.min_speedup:
@@ -160,8 +158,6 @@ class Report:
                 "size KB", "seconds", "status")
 
     def rows(self) -> list[list[str]]:
-        from nano_tfx.coverage import short_text
-
         def fmt(v, spec="{:.4f}"):
             return "" if v is None else spec.format(v)
 

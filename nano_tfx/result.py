@@ -258,7 +258,7 @@ class QuantizedModel:
         """
         from nano_tfx.data import make_batches
 
-        diagnoser = getattr(self, "_diagnoser", None)
+        diagnoser = self._diagnoser
         if diagnoser is None:
             raise ValueError("self: diagnose needs the FP32 original; expected a model returned by "
                              "nano_tfx.quantize in this process, got one loaded from disk")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from nano_tfx.backends.base import Candidate, SearchSpace, TrialConfig, backend_class
+from nano_tfx.diagnosis import rank_by_harm
 from nano_tfx.progress import TrialHook
 from nano_tfx.report import Report, TrialRecord
 from nano_tfx.tuning.runner import (
@@ -319,8 +320,6 @@ def _gain_fields(gain: tuple[float, int]) -> dict:
 
 def _credit_gains(state: _State, report: Report, gains: dict[str, tuple[float, int]]) -> None:
     """Put the measured metric gains on this backend's layer rows and re-rank them by harm."""
-    from nano_tfx.diagnosis import rank_by_harm
-
     backend = state.job.backend
     mine = [r for r in report.layers if r.get("backend") == backend]
     if not gains or not mine:
