@@ -10,6 +10,8 @@ Per model it builds (a row each; a build that raises becomes ``status="failed: w
                             images)`` for INC (accelerator=None), 'onnxruntime', 'openvino'; int8,
                             plus bf16 where ``backend_class(name).precisions`` offers it;
 * ``nano-auto-int8``        ``accelerator='auto'`` (precision='int8');
+* ``nano-auto-auto``        ``accelerator='auto', precision='auto'``: the precision ladder (INT8 →
+                            INT8+BF16 → BF16 → FP32 on every engine), the fastest rung;
 * ``raw-onnxruntime-*``     tf2onnx (opset 17) → ``quant_pre_process`` → ``quantize_static`` (QDQ,
                             U8S8, per-channel, MinMax) → ``InferenceSession`` (ORT_ENABLE_ALL);
 * ``raw-openvino-*``        ``ov.convert_model(SavedModel)`` → ``nncf.quantize`` → ``compile_model``
@@ -256,7 +258,10 @@ def nano(case: ModelCase, accelerator: str | None, precision: str) -> Callable[[
                  "latency_batch_ms": t.latency_batch_ms, "status": t.status, "seconds": t.seconds}
                 for t in rep.trials
             ]
-            if accelerator == "auto" and rep.chosen is not None:
+            if rep.ladder:
+                v.notes = rep.ladder_summary()
+                v.extra["ladder"] = rep.ladder
+            elif accelerator == "auto" and rep.chosen is not None:
                 v.notes = "auto chose " + q.backend + " (trial latencies: " + ", ".join(
                     f"{t.backend}={t.latency_ms:.3g}ms" if t.latency_ms else f"{t.backend}={t.status}"
                     for t in rep.trials) + ")"
@@ -588,6 +593,8 @@ def bench_model(name: str, plan: dict, skipped: list) -> tuple[list[dict], str |
                 skipped.append({"model": name, "variant": f"nano-{backend}-bf16",
                                 "reason": f"{backend}.precisions = {sorted(precs)} (no bf16 on this CPU/backend)"})
         add(Variant("nano-auto-int8", "nano", "auto", "int8", "QuantizedModel.run([x])"), nano(case, "auto", "int8"))
+        # the precision ladder on every engine (issue 20): the fastest of INT8/INT8+BF16/BF16/FP32
+        add(Variant("nano-auto-auto", "nano", "auto", "auto", "QuantizedModel.run([x])"), nano(case, "auto", "auto"))
 
         ort_holder: dict = {}
         ort_fp32, ort_int8 = raw_onnxruntime(case, tmp, ort_holder)
@@ -605,7 +612,7 @@ def bench_model(name: str, plan: dict, skipped: list) -> tuple[list[dict], str |
         # interleave each wrapper with its raw engine so that neighbouring blocks share the load
         order = ["tf-fp32", "nano-inc-int8", "nano-onnxruntime-int8", "raw-onnxruntime-int8",
                  "raw-onnxruntime-fp32", "nano-openvino-int8", "raw-openvino-int8", "nano-openvino-bf16",
-                 "raw-openvino-bf16", "raw-openvino-fp32", "raw-tflite-int8", "nano-auto-int8"]
+                 "raw-openvino-bf16", "raw-openvino-fp32", "raw-tflite-int8", "nano-auto-int8", "nano-auto-auto"]
         rank = {n: i for i, n in enumerate(order)}
         variants.sort(key=lambda v: rank.get(v.name, len(order)))
         log(f"{name}: measuring accuracy and latency")
@@ -647,8 +654,20 @@ def targets(rows: list[dict], models: list[str]) -> list[dict]:
                         "value": ratio, "threshold": "<= 1.05", "met": bool(ratio and ratio <= 1.05),
                         "primary": primary})
             out.append(_auto_vs_fastest_nano(rows, model, auto, primary))
+        ladder = row(model, "nano-auto-auto")
+        if ladder and ladder.get("b1_ms"):
+            # the ladder returns the fastest rung: within 5 % of the fastest nano row of any precision
+            others = [r for r in rows if r["model"] == model and r["kind"] == "nano" and r.get("b1_ms")
+                      and r["variant"] != "nano-auto-auto" and r["status"] == "ok"]
+            if others:
+                best = min(others, key=lambda r: r["b1_ms"])
+                ratio = _ratio_per_round(ladder.get("b1_ms_rounds") or [], best.get("b1_ms_rounds") or [])
+                ratio = ratio if ratio is not None else ladder["b1_ms"] / best["b1_ms"]
+                out.append({"target": "ladder_vs_fastest_nano_b1", "model": model, "variant": "nano-auto-auto",
+                            "value": _r(ratio), "threshold": "<= 1.05", "met": bool(ratio <= 1.05),
+                            "primary": primary, "note": f"vs {best['variant']}, same run"})
         for r in rows:
-            if r["model"] != model or r["kind"] != "nano" or r["variant"] == "nano-auto-int8":
+            if r["model"] != model or r["kind"] != "nano" or r["variant"] in ("nano-auto-int8", "nano-auto-auto"):
                 continue
             if r["status"] != "ok":
                 out.append({"target": "wrapper_vs_raw_b1", "model": model, "variant": r["variant"], "value": None,

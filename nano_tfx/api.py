@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
-from nano_tfx.backends.base import BackendOptions, backend_class, backend_names
+from nano_tfx.backends.base import BackendOptions, backend_class, backend_names, trial_precision
 from nano_tfx.criterion import AccuracyCriterion
 from nano_tfx.data import SpooledSource, make_batches
 from nano_tfx.errors import AccuracyCriterionNotMet, SpeedupNotMet
@@ -25,12 +25,14 @@ from nano_tfx.report import Report
 from nano_tfx.result import QuantizedModel
 from nano_tfx.speed import DEFAULT_BUDGET_S, check_min_speedup, engine_fp32_variant, side_by_side
 from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialRunner, engine_fp32, job_diagnoser
+from nano_tfx.tuning.ladder import RUNGS, LadderPlan, bf16_fallback_rungs, ladder_rows, plan_ladder
+from nano_tfx.tuning.paired_eval import EVALUATIONS, PairedEvaluation
 from nano_tfx.tuning.strategies import PUBLIC_STRATEGIES, STRATEGIES
 from nano_tfx.tuning.tuner import Budget, tune
 
 log = _logging.getLogger("nano_tfx")
 
-PRECISIONS = ("int8", "bf16", "fp16")
+PRECISIONS = ("int8", "bf16", "fp16", "auto")  # auto: the precision ladder (nano_tfx.tuning.ladder)
 ACCELERATORS = (None, "onnxruntime", "openvino", "auto")
 APPROACHES = ("static", "dynamic")
 DEFAULT_CRITERION = {"relative": 0.01, "higher_is_better": True}
@@ -52,6 +54,8 @@ class QuantizationRequest:
     sample_size: int | None
     options: BackendOptions
     min_speedup: float | None = None  # FP32 ms / quantized ms the result must reach (None: no gate)
+    trial_evaluation: str = "full"  # "full" | "sequential" (nano_tfx.tuning.paired_eval)
+    confidence: float = 0.99  # of the sequential decision's interval
 
     @classmethod
     def from_kwargs(
@@ -72,6 +76,8 @@ class QuantizationRequest:
         onnxruntime_session_options: Any = None,
         openvino_config: Mapping | None = None,
         min_speedup: Any = None,
+        trial_evaluation: str = "full",
+        confidence: Any = 0.99,
     ) -> "QuantizationRequest":
         """Check every argument before any work starts; errors name the argument.
 
@@ -82,7 +88,7 @@ class QuantizationRequest:
         if accelerator not in ACCELERATORS:
             raise ValueError(f"accelerator: expected one of {list(ACCELERATORS)} (None = Intel Neural Compressor), "
                              f"got {accelerator!r}")
-        if precision not in PRECISIONS and not (accelerator == "auto" and precision == "auto"):
+        if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
         if approach not in APPROACHES:
             raise ValueError(f"approach: expected 'static' or 'dynamic', got {approach!r}")
@@ -109,8 +115,13 @@ class QuantizationRequest:
                                  openvino_config=openvino_config, approach=approach)
         if max_trials is None:
             max_trials = DEFAULT_MAX_TRIALS if has_metric else None
+        if trial_evaluation not in EVALUATIONS:
+            raise ValueError(f"trial_evaluation: expected one of {list(EVALUATIONS)}, got {trial_evaluation!r}")
+        if (isinstance(confidence, bool) or not isinstance(confidence, (int, float))
+                or not 0.5 <= confidence < 1):
+            raise ValueError(f"confidence: expected a probability in [0.5, 1), got {confidence!r}")
         return cls(precision, accelerator, approach, criterion, tuning_strategy, max_trials, float(timeout),
-                   batch, sample_size, options, check_min_speedup(min_speedup))
+                   batch, sample_size, options, check_min_speedup(min_speedup), trial_evaluation, float(confidence))
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = True) -> None:
@@ -176,17 +187,14 @@ def _select_outputs(source: SavedModelSource, outputs: Sequence[str] | None) -> 
     return replace(source, outputs=tuple(t for t in source.outputs if t.name in outputs))
 
 
-def _pairs(request: QuantizationRequest) -> list[tuple[str, str]]:
-    """(backend, precision) pairs to try."""
-    if request.accelerator != "auto":
-        return [(request.accelerator or "inc", request.precision)]
-    pairs = []
-    for name in backend_names():
-        cls = backend_class(name)
-        for prec in cls.precisions:
-            if request.precision in ("auto", prec):
-                pairs.append((name, prec))
-    return pairs
+def _plan(request: QuantizationRequest, calibrated: bool) -> LadderPlan:
+    """The (backend, precision) jobs to tune: one precision on one engine or on every engine
+    (``accelerator='auto'``), or the precision ladder (``precision='auto'``) on those engines."""
+    backends = backend_names() if request.accelerator == "auto" else [request.accelerator or "inc"]
+    if request.precision == "auto":
+        return plan_ladder(backends, request.options, request.approach, calibrated)
+    return LadderPlan(pairs=[(name, request.precision) for name in backends
+                             if request.precision in backend_class(name).precisions])
 
 
 def quantize(
@@ -223,6 +231,8 @@ def quantize(
     min_speedup: float | None = None,
     verbose: int = 0,
     on_trial_end: TrialHook | Sequence[TrialHook] | None = None,
+    trial_evaluation: str = "full",
+    confidence: float = 0.99,
 ) -> QuantizedModel:
     """Quantize a Keras model (Keras 3 or tf_keras) or a SavedModel directory.
 
@@ -242,6 +252,23 @@ def quantize(
     is confirmed side by side; when it is missed ``SpeedupNotMet`` (an ``AccuracyCriterionNotMet``)
     is raised with the model and report.
 
+    ``precision='auto'`` walks the precision ladder on the engine(s) asked for: INT8 (tuned, with
+    its FP32 fallback layers) → INT8 with those layers in BF16 → BF16 → the engine's own FP32
+    (BF16 rungs only where the CPU has native BF16; ``NANO_TFX_BF16=0|1`` forces it). Every rung
+    that meets the criterion is timed side by side and the fastest is returned (within 5 %, the
+    rung nearer FP32); ``report.ladder`` says which rung won and why each other did not,
+    ``report.result_precision`` / ``q.precision`` what the model runs in. ``max_trials`` and
+    ``timeout`` cover the whole ladder. ``precision='int8'`` never returns anything but INT8.
+
+    ``trial_evaluation='sequential'`` decides each trial on as few evaluation examples as the criterion
+    needs: FP32's outputs are computed once, examples are visited in a fixed hash order in growing
+    chunks, and a trial passes (fails) as soon as the ``confidence`` interval on metric(INT8) −
+    metric(FP32) lies inside (outside) the criterion; otherwise up to the whole split, where the
+    decision is exact. The chosen model's metric is then computed on the whole split once.
+    ``'full'`` (default) evaluates every trial on the whole split; a metric whose state does not
+    merge exactly (``nano_tfx.metric_states.state_for``), a multi-output model or ``eval_func``
+    is always evaluated on the whole split (``report.trial_evaluation`` says which was used).
+
     ``timeout`` (seconds, 0 = none) bounds the whole call: the first trial always runs; after it
     no trial starts whose expected duration (from this backend's earlier trials in the call, or
     its preparation time) would end past the deadline (see ``nano_tfx.tuning.tuner``).
@@ -260,22 +287,22 @@ def quantize(
         accuracy_criterion=accuracy_criterion, tuning_strategy=tuning_strategy, max_trials=max_trials,
         timeout=timeout, batch=batch, sample_size=sample_size, method=method, thread_num=thread_num,
         onnxruntime_session_options=onnxruntime_session_options, openvino_config=openvino_config,
-        min_speedup=min_speedup)
+        min_speedup=min_speedup, trial_evaluation=trial_evaluation, confidence=confidence)
     if conf is not None:
         raise ValueError("conf: INC yaml/config objects are not used; pass the tuning arguments directly")
     if calib_dataset is None and x is None:
         if request.precision == "int8" and request.approach == "static":
             raise ValueError("calib_dataset: static INT8 quantization needs calibration data (calib_dataset= or x=)")
-    pairs = _pairs(request)
-    if not pairs:
+    if request.accelerator != "auto" and request.precision != "auto":  # fail fast, before exporting anything
+        backend_class(request.accelerator)(request.options).validate(request.precision, request.approach)
+    plan = _plan(request, calibrated=calib_dataset is not None or x is not None)
+    if not plan.pairs:
         raise ValueError(f"precision: no backend supports {request.precision!r} for accelerator='auto'")
-    if request.accelerator != "auto":  # fail fast, before exporting anything
-        backend_class(pairs[0][0])(request.options).validate(pairs[0][1], request.approach)
 
     own_workdir = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="nano_tfx_")
     try:
-        return _quantize(model, request, pairs, calib_dataset if calib_dataset is not None else x, y,
+        return _quantize(model, request, plan, calib_dataset if calib_dataset is not None else x, y,
                          evaluator, eval_dataset, inputs, outputs, input_spec, signature_name, baseline,
                          trial_runner, previous_report, workdir, own_workdir, logging, hooks)
     except BaseException as err:
@@ -287,7 +314,7 @@ def quantize(
         raise
 
 
-def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, outputs, input_spec,
+def _quantize(model, request, plan, data, y, evaluator, eval_dataset, inputs, outputs, input_spec,
               signature_name, baseline, trial_runner, previous_report, workdir, own_workdir, logging, hooks):
     started = time.perf_counter()
     source = _select_outputs(to_saved_model(model, workdir, input_spec, signature_name, inputs), outputs)
@@ -323,15 +350,21 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     measured = evaluator is not None and baseline is None
     if measured:
         baseline = measure_baseline(evaluator, source, evaluation, reference)
+    paired = None
+    if request.trial_evaluation == "sequential":  # FP32 once; trials decided on as few examples as needed
+        paired = PairedEvaluation.make(evaluator, evaluation, reference.run, request.criterion, request.confidence)
     timing_inputs = _timing_inputs(calib, evaluation)
+    pairs = plan.pairs
     report = Report(
         backend="auto" if request.accelerator == "auto" else pairs[0][0], precision=request.precision,
         metric_name=evaluator.name if evaluator else None, baseline=baseline,
         criterion=request.criterion.to_dict() if request.criterion else None,
         strategy=(request.tuning_strategy or "basic") if evaluator else None,
         max_trials=request.max_trials, timeout=request.timeout, model_fingerprint=fp,
+        trial_evaluation="sequential" if paired is not None else "full",
     )
-    auto = request.accelerator == "auto"
+    ladder = request.precision == "auto"
+    auto = request.accelerator == "auto" or ladder  # several finalists: the fastest is chosen
     jobs = [
         TrialJob(
             source=source, backend=backend_name, options=request.options, precision=prec,
@@ -340,12 +373,18 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
             latency_batch=(request.batch or 32) if auto else None,
             workdir=os.path.join(workdir, "trials"),
             min_speedup=None if auto else request.min_speedup,  # auto: the bar is for the chosen model
+            sequential=paired,
         )
         for backend_name, prec in pairs
     ]
     budget = Budget(request.max_trials, request.timeout, started=started)
-    outcomes = tune(jobs, report, request.tuning_strategy, budget, trial_runner or LocalRunner(),
-                    previous_report, strict=not auto, hooks=hooks)
+    runner = trial_runner or LocalRunner()
+    outcomes = tune(jobs, report, request.tuning_strategy, budget, runner, previous_report, strict=not auto,
+                    hooks=hooks)
+    ladder_extra: list[dict] = []
+    if ladder:
+        met, ladder_extra = bf16_fallback_rungs(outcomes, report, budget, runner, previous_report, hooks)
+        outcomes = outcomes + met
     if logging:
         log.info("nano-tfx: trials\n%s", report.table())
 
@@ -353,6 +392,11 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     fallback = None if finalists else _best_of(outcomes, request.criterion)
     chosen_outcome = _fastest(finalists, fallback, report, reference, timing_inputs, request.batch or 32,
                               _timing_budget_s(budget))
+    if ladder:
+        report.ladder = ladder_rows(report, outcomes, chosen_outcome, plan.skipped + ladder_extra)
+    if chosen_outcome is not None and paired is not None and not _confirm_on_full_split(
+            chosen_outcome, report, evaluator, evaluation, reference):
+        fallback, chosen_outcome = chosen_outcome, None
     report.min_speedup = request.min_speedup
     too_slow = _too_slow(report, request, chosen_outcome, baseline)
     if chosen_outcome is not None and too_slow:
@@ -370,7 +414,8 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     if final is None:
         failed = [t for t in report.trials if t.failed]
         detail = "; ".join(f"{t.backend}/{t.precision}: {t.error}" for t in failed[-3:]) or report.stop_reason
-        raise RuntimeError(f"quantization failed ({'every backend' if auto else pairs[0][0]}): {detail}")
+        where = "every backend" if request.accelerator == "auto" else pairs[0][0]
+        raise RuntimeError(f"quantization failed ({where}): {detail}")
     _record_coverage(report, final)
     result = QuantizedModel(
         final.candidate, source, report=report,
@@ -390,13 +435,32 @@ def _quantize(model, request, pairs, data, y, evaluator, eval_dataset, inputs, o
     return result
 
 
+def _confirm_on_full_split(outcome: Any, report: Report, evaluator: Any, evaluation: Any,
+                           reference: QuantizedModel) -> bool:
+    """``trial_evaluation='sequential'``: the chosen model's metric on the whole split, once (what the
+    report, the blessing and the Evaluator's bounds use), judged exactly. An early pass is a
+    ``confidence`` decision: when the exact one disagrees, nothing is chosen."""
+    record = report.trials[outcome.chosen_index]
+    if not record.sequential or record.sequential.get("decided") != "early-pass":
+        return True
+    model = QuantizedModel(outcome.candidate, reference)
+    record.metric = evaluator.evaluate(outcome.candidate.run, evaluation, model=model)
+    record.evaluations = (record.evaluations or 0) + 1
+    crit = report.criterion and AccuracyCriterion.parse(report.criterion)
+    record.passed = bool(crit and crit.met(report.baseline, record.metric))
+    if not record.passed:
+        report.stop_reason = (f"the early pass of trial {record.index} did not hold on the whole split "
+                              f"({record.metric:.6g})")
+    return record.passed
+
+
 def _record_coverage(report: Report, final: Any) -> None:
     """The returned model's INT8 coverage and precision into the report: its trial's record
     (chosen, or the best one returned without meeting the criterion)."""
     index = final.chosen_index if final.chosen is not None else final.best_index
     trial = report.trials[index] if index is not None else None
     report.int8_ops = trial.int8_ops if trial is not None else None
-    report.result_precision = final.job.precision
+    report.result_precision = trial_precision(final.job.precision, (final.chosen or final.best).config)
     report.result_backend = final.job.backend
 
 
@@ -469,13 +533,33 @@ def _fastest(finalists: list, fallback: Any, report: Report, reference: Quantize
     if len(finalists) > 1:
         report.selection_latency_ms = {o.chosen_index: speed.b1_ms[f"trial {o.chosen_index}"]
                                        for o in finalists}
-    pick = min(timed, key=lambda o: speed.b1_ms[f"trial {index(o)}"])
+    pick = _pick(timed, {index(o): speed.b1_ms[f"trial {index(o)}"] for o in timed})
     report.speedup = speed.speedup("fp32", f"trial {index(pick)}")
     report.result_backend = pick.job.backend
     engine = engine_fp32_variant(pick.job.backend)
     report.engine_fp32_latency_ms = speed.b1_ms.get(engine)
     report.int8_gain = speed.speedup(engine, f"trial {index(pick)}")
     return pick if finalists else None
+
+
+#: finalists this close to the fastest (side-by-side repeat noise on small models) count as tied
+RUNG_TIE = 0.05
+
+
+def _pick(timed: list, ms: dict) -> Any:
+    """The fastest outcome; among those within ``RUNG_TIE`` of it, the rung nearest FP32 (the
+    precision ladder: the same speed for less accuracy risk). One precision: simply the fastest."""
+    def index(o):
+        return o.chosen_index if o.chosen is not None else o.best_index
+
+    fastest = min(timed, key=lambda o: ms[index(o)])
+    rungs = {trial_precision(o.job.precision, (o.chosen or o.best).config) for o in timed}
+    if len(rungs) < 2:
+        return fastest
+    near = [o for o in timed if ms[index(o)] <= ms[index(fastest)] * (1 + RUNG_TIE)]
+    rank = {r: i for i, r in enumerate(RUNGS)}
+    return max(near, key=lambda o: (rank.get(trial_precision(o.job.precision, (o.chosen or o.best).config), 0),
+                                    -ms[index(o)]))
 
 
 def _engine_fp32_runs(timed: list, reference: QuantizedModel) -> dict:

@@ -38,6 +38,10 @@ class TrialRecord:
     # INT8 coverage of this trial's model, counted from its graph by the backend:
     # {"MatMul": [ops in INT8, ops in all], "Conv": [...]} (nano_tfx.coverage); None: not counted
     int8_ops: dict | None = None
+    # trial_evaluation='sequential': {"examples_evaluated", "n_total", "interval" [low, high] of
+    # metric(INT8) - metric(FP32), "confidence", "decided": "early-pass"|"early-fail"|"full",
+    # "verdict", "metric_fp32", "metric_int8" (over the examples evaluated)}; None: whole split
+    sequential: dict | None = None
 
     @property
     def failed(self) -> bool:
@@ -95,6 +99,13 @@ class Report:
     # precision of the returned model (the request's may be "auto"); None: unknown
     result_precision: str | None = None
     result_backend: str | None = None  # engine of the returned model ("auto" picks one)
+    # precision='auto': one row per (rung, engine) in ladder order, {"rung", "backend", "status":
+    # "chosen"|"met"|"not met"|"failed"|"skipped", "reason", "trial", "latency_ms", "metric"}
+    # (nano_tfx.tuning.ladder); empty for a single precision
+    ladder: list[dict] = field(default_factory=list)
+    # how trials were evaluated: "full" (every trial on the whole split) or "sequential" (each
+    # trial's record says how many examples decided it; nano_tfx.tuning.paired_eval)
+    trial_evaluation: str = "full"
 
     # -- access ----------------------------------------------------------------------------
     def int8_coverage_text(self) -> str | None:
@@ -109,7 +120,8 @@ class Report:
         """"INT8 x ms vs FP32 y ms (z×)" for the returned model (batch 1, side by side), then its
         gain over the same engine's FP32 when timed ("; 1.85× the same engine's FP32 (...)")."""
         ms = self.fp32_latency_ms / self.speedup if self.fp32_latency_ms and self.speedup else None
-        text = speed_text(self.precision if self.precision != "auto" else None, ms, self.fp32_latency_ms)
+        precision = self.result_precision or (self.precision if self.precision != "auto" else None)
+        text = speed_text(precision, ms, self.fp32_latency_ms)
         if self.min_speedup:
             ok = self.speedup is not None and self.speedup >= self.min_speedup
             text += f", min_speedup={self.min_speedup:g} {'met' if ok else 'NOT met'}"
@@ -117,6 +129,23 @@ class Report:
         if gain:
             text += f"; {gain}"
         return text
+
+    def ladder_summary(self) -> str | None:
+        """``precision='auto'`` in one sentence: the rung that won and why each rung above it
+        lost, e.g. "auto chose BF16 on openvino; above it: INT8 on openvino not met (0.91 misses
+        the bound 0.93 after 4 trial(s))". None without a ladder."""
+        if not self.ladder:
+            return None
+        won = next((r for r in self.ladder if r["status"] == "chosen"), None)
+        head = (f"auto chose {won['rung'].upper()} on {won['backend']}" if won
+                else "auto: no rung met the criterion")
+        # rows come in ladder order: "above" is every row of a higher rung
+        first = next(i for i, r in enumerate(self.ladder) if r["rung"] == won["rung"]) if won else len(self.ladder)
+        above = self.ladder[:first]
+        if not above:
+            return head
+        why = "; ".join(f"{r['rung'].upper()} on {r['backend']} {r['status']} ({r['reason']})" for r in above)
+        return f"{head}; above it: {why}"
 
     @property
     def chosen_trial(self) -> TrialRecord | None:
@@ -190,7 +219,13 @@ class Report:
         coverage = self.int8_coverage_text()
         if coverage:
             summary += f"; {coverage}"
-        return "\n".join([summary, head, sep, *body])
+        ladder = []
+        if self.ladder:  # precision='auto': rung by rung, before the trials they ran
+            ladder = ["precision ladder (rung, backend, status, why, batch-1 ms):"]
+            for r in self.ladder:
+                ms = f" {r['latency_ms']:.4g} ms" if r.get("latency_ms") is not None else ""
+                ladder.append(f"  {r['rung']:<10} {r['backend']:<12} {r['status']:<8} {r['reason']}{ms}")
+        return "\n".join([summary, *ladder, head, sep, *body])
 
     _LAYER_COLUMNS = ("#", "backend", "layer", "op", "metric gain in FP32", "own error", "added rel. MSE",
                       "SQNR dB", "rel. MSE", "FP32 min", "FP32 max", "max/p99.9", "max/median")

@@ -60,6 +60,8 @@ def summary_rows(report: "Report") -> list[tuple[str, str]]:
     met = {True: "criterion met", False: "criterion NOT met", None: "no accuracy control"}[report.met]
     if chosen is not None:
         result = f"{chosen.backend} {chosen.precision.upper()}, trial #{chosen.index}; {met}"
+        if report.precision == "auto":
+            result += " (precision='auto': the fastest rung of the ladder below)"
     else:
         result = f"{report.backend} {report.precision.upper()}, " + (f"no trial chosen; {met}" if report.trials
                                                                      else "no trial ran")
@@ -176,6 +178,7 @@ def render(report: "Report", plot_png_base64: str | None = None, extra_sections:
     return _template("report.html.j2").render(
         summary=summary_rows(report), columns=TRIAL_COLUMNS, trials=trial_rows(report),
         speed_note=speed_note(report), plot=plot_png_base64, kept_fp32=report.kept_fp32,
+        ladder=[{**r, "ms": _num(r.get("latency_ms"), "{:.4g}")} for r in report.ladder],
         chart=chart(report), layer_columns=report._LAYER_COLUMNS,
         layers_shown=layers[:LAYER_ROWS_SHOWN], layers_more=layers[LAYER_ROWS_SHOWN:],
         extra_sections=extra_sections or [],

@@ -585,7 +585,7 @@ def cmd_serve(args) -> int:
         options = ServeOptions(
             host=args.host, port=args.port, max_batch_size=args.max_batch_size,
             max_request_bytes=args.max_request_size, adaptive_batch_size=args.adaptive_batch_size,
-            adaptive_batch_time=args.adaptive_batch_time, thread_num=args.threads,
+            adaptive_batch_time=args.adaptive_batch_time, thread_num=args.threads, tf_threads=args.tf_threads,
             extra_models={n: os.path.abspath(p) for n, p in args.model or []})
         serve(os.path.abspath(args.model_dir), args.name, options)
     except ValueError as err:
@@ -609,7 +609,12 @@ def _add_serve_parser(sub) -> None:
                         "(default: off; a malformed request fails the requests merged with it)")
     s.add_argument("--adaptive-batch-time", type=float, default=0.0,
                    help="adaptive batching: wait at most this many seconds for a batch to fill")
-    s.add_argument("--threads", type=int, default=None, help="engine threads (ONNX Runtime / OpenVINO)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="engine threads (ONNX Runtime / OpenVINO / INC); default: the engine's own, the settings "
+                        "accelerator='auto' timed the engines with")
+    s.add_argument("--tf-threads", type=int, default=None,
+                   help="TensorFlow intra-/inter-op threads for request parsing + tf.Transform (default 1: the "
+                        "engine keeps the cores; raise it for big FP32 batches served by TensorFlow)")
     s.add_argument("--model", action="append", type=_name_eq_dir, metavar="NAME=MODEL_DIR",
                    help="serve another model from the same server (repeatable)")
     s.set_defaults(func=cmd_serve)

@@ -71,3 +71,16 @@ def test_default_quantizes_once_at_the_end(digits):
 def test_bad_input_fails_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantizationCallback(**kwargs)
+
+
+def test_precision_auto_in_the_callback_says_what_it_kept(digits):
+    """The ladder through the callback: the kept model's precision is in its history entry."""
+    import keras
+
+    _, (xte, yte) = digits
+    cb = QuantizationCallback(calib_dataset=(xte[:200], yte[:200]), metric="accuracy", precision="auto",
+                              accelerator="onnxruntime", max_trials=3, verbose=0)
+    _fit(keras, digits, cb, epochs=1)
+    (entry,) = cb.history
+    assert entry["precision"] == cb.quantized_model.precision in ("int8", "fp32")  # no BF16 on ONNX Runtime
+    assert {r["rung"] for r in cb.quantized_model.report.ladder} == {"int8", "int8+bf16", "bf16", "fp32"}

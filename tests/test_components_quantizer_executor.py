@@ -320,3 +320,38 @@ def test_trials_spread_over_a_dask_cluster(fp32, tmp_path):
     workers = {t["worker"] for t in ran}
     assert len(ran) >= 2 and len(workers) == 2, report["trials"]
     assert {int(w.rsplit(":", 1)[1]) for w in workers} <= worker_pids
+
+
+def test_precision_auto_blesses_a_ladder_result_saying_its_precision(fp32, tmp_path):
+    """precision='auto' in the Quantizer: the fastest rung that meets the bar is blessed, and the
+    message, the blessing's properties and the page say which precision it runs in and why."""
+    outputs, report = run_executor(fp32, str(tmp_path / "out"), accelerator="openvino", precision="auto",
+                                   max_trials=3, accuracy_criterion=json.dumps({"absolute": 0.03,
+                                                                                "higher_is_better": True}))
+    blessing, qmodel = outputs["blessing"], outputs["quantized_model"]
+    message = report["tfx"]["blessing_message"]
+    assert blessing.get_int_custom_property("blessed") == 1, message
+    precision = report["result_precision"]
+    assert report["precision"] == "auto" and precision in ("int8", "int8+bf16", "bf16", "fp32")
+    assert message.startswith(f"{precision.upper()} ") and f"auto chose {precision.upper()} on openvino" in message
+    assert blessing.get_string_custom_property("precision") == precision
+    assert report["tfx"]["result_precision"] == precision
+    chosen = [r for r in report["ladder"] if r["status"] == "chosen"]
+    assert len(chosen) == 1 and chosen[0]["rung"] == precision and chosen[0]["trial"] == report["chosen"]
+    assert {r["rung"] for r in report["ladder"]} == {"int8", "int8+bf16", "bf16", "fp32"}
+    serving = os.path.join(qmodel.uri, "Format-Serving")
+    assert nano_tfx.load(serving).precision == qmodel.get_string_custom_property("nano_tfx_precision")
+    with open(os.path.join(outputs["report"].uri, "report.html")) as f:
+        assert "Precision ladder" in f.read()
+
+
+def test_trial_evaluation_sequential_is_wired_through_the_quantizer(fp32, tmp_path):
+    """trial_evaluation='sequential' reaches the engine: every trial records how it was decided
+    (penguin's eval split is smaller than the first look, so on the whole split, exactly)."""
+    outputs, report = run_executor(fp32, str(tmp_path / "out"), accelerator="onnxruntime", max_trials=2,
+                                   trial_evaluation="sequential", confidence=0.95,
+                                   accuracy_criterion=json.dumps({"absolute": 0.03, "higher_is_better": True}))
+    assert outputs["blessing"].get_int_custom_property("blessed") == 1, report["tfx"]["blessing_message"]
+    assert report["trial_evaluation"] == "sequential"
+    seq = report["trials"][report["chosen"]]["sequential"]
+    assert seq["decided"] == "full" and seq["confidence"] == 0.95 and seq["examples_evaluated"] == seq["n_total"]

@@ -17,6 +17,7 @@ TFX_KEYS = {
     "tuning_runner", "min_speedup", "speedup", "fp32_latency_ms", "backend", "serving_dir", "raw_parse_keys",
     "blessed", "blessing_message", "int8_metric", "seconds",
     "engine_fp32_latency_ms", "int8_gain",  # issue 20: speed vs the same engine's FP32
+    "result_precision",  # issue 20: what the blessed model runs in (precision='auto' picks a rung)
 }
 CRITERION = {"relative": 0.01, "higher_is_better": True}
 
@@ -55,7 +56,7 @@ def test_blessed_verdict_and_properties():
     _no_repr(d.blessing_message)
     props = d.blessing_properties()
     assert props == {"blessed": 1, "blessing_message": d.blessing_message, "quantized_metric": 0.965,
-                     "fp32_metric": 0.97, "speedup": 3.0, "fp32_latency_ms": 0.5}
+                     "fp32_metric": 0.97, "speedup": 3.0, "fp32_latency_ms": 0.5, "precision": "int8"}
     assert all(isinstance(props[k], float) for k in ("quantized_metric", "fp32_metric", "speedup"))
 
 

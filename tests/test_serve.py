@@ -300,6 +300,122 @@ def test_adaptive_batching_answers_each_request_as_alone(server, digits_eval, tm
         assert proc.poll() is None
 
 
+def _split(response: requests.Response) -> dict:
+    from components.serving.runtime import parse_server_timing
+
+    return parse_server_timing(response.headers.get("server-timing", ""))
+
+
+@pytest.mark.parametrize("model, stages", [
+    ("digits_onnxruntime", ["decode", "queue", "transform", "engine", "encode", "app"]),  # engine + transform_graph
+    ("digits_fp32", ["decode", "queue", "model", "encode", "app"]),  # one TensorFlow call
+    ("digits_tensors", ["decode", "queue", "engine", "encode", "app"]),  # the model's own inputs
+])
+def test_each_answer_carries_its_stage_split(server, digits_eval, model, stages):
+    """``Server-Timing``: the runtime's stages in call order, then the whole app; the stages fit
+    inside the app's time and the app inside what the client waited (behaviour, not speed)."""
+    import time
+
+    if model == "digits_tensors":
+        fp32 = server.models["digits_fp32"]
+        calib = serve_models.transformed_inputs(fp32, os.path.join(os.path.dirname(fp32), "transform_graph"),
+                                                serve_models.digits_examples("eval")[0][:3])
+        x = calib["image_xf"].astype(np.float32)
+        payload = {"inputs": [{"name": "image_xf", "shape": list(x.shape), "datatype": "FP32",
+                               "data": x.ravel().tolist()}]}
+    else:
+        payload = examples_request(digits_eval[0][:3])
+    for _ in range(3):
+        started = time.perf_counter()
+        r = server.infer(model, payload)
+        waited_ms = (time.perf_counter() - started) * 1000.0
+        assert r.status_code == 200, r.text
+        split = _split(r)
+        assert list(split) == stages, r.headers.get("server-timing")
+        assert all(v >= 0 for v in split.values()), split
+        inner = sum(v for k, v in split.items() if k != "app")
+        assert inner <= split["app"] + 0.001 * len(split), split  # 3-decimal rounding
+        assert split["app"] <= waited_ms, (split, waited_ms)
+        assert "headers" not in json.dumps(r.json())  # the split travels as a header, not in the body
+    bad = server.infer(model, {"inputs": []})  # an error answer: the app's time only
+    assert 400 <= bad.status_code < 500 and list(_split(bad)) == ["app"]
+
+
+def test_fast_infer_route_renders_what_mlserver_would():
+    """``fast_infer_routes`` skips FastAPI's response-model pass; the body must be the same JSON
+    MLServer's own route sends (``exclude_unset`` / ``exclude_none``), numbers included."""
+    from fastapi.encoders import jsonable_encoder
+    from mlserver.codecs import NumpyCodec
+    from mlserver.types import InferenceResponse, Parameters
+
+    from components.serving.server import response_content
+
+    out = np.random.default_rng(0).normal(size=(2, 5)).astype(np.float32)
+    response = InferenceResponse(model_name="m", id="1", parameters=Parameters(content_type="np"), outputs=[
+        NumpyCodec.encode_output("outputs", out), NumpyCodec.encode_output("ids", np.arange(3, dtype=np.int64))])
+    want = jsonable_encoder(response, exclude_unset=True, exclude_none=True)
+    assert json.loads(json.dumps(response_content(response))) == json.loads(json.dumps(want))
+
+
+def test_servable_times_its_stages_only_when_asked():
+    from components.serving.servable import Servable, TensorSpec, _Stage
+
+    def run(arrays, timings):
+        with _Stage(timings, "transform"):
+            x = arrays["x"] * 2
+        with _Stage(timings, "engine"):
+            return {"y": x + 1}
+
+    servable = Servable("tensors", "test", [TensorSpec("x", np.dtype(np.float32), (None,))], ["y"], run,
+                        ("transform", "engine"))
+    timings: dict = {}
+    got = servable.predict({"x": np.ones(2, np.float32)}, timings)
+    np.testing.assert_array_equal(got["y"], [3, 3])
+    assert list(timings) == list(servable.stages) and all(v >= 0 for v in timings.values())
+    np.testing.assert_array_equal(servable.predict({"x": np.ones(2, np.float32)})["y"], [3, 3])  # no dict: fine
+
+
+def test_server_timing_round_trip_and_request_timer():
+    import asyncio
+
+    from components.serving.runtime import parse_server_timing, server_timing
+    from components.serving.server import RequestTimer
+
+    assert parse_server_timing(server_timing({"decode": 0.1234, "engine": 2.0})) == {"decode": 0.123, "engine": 2.0}
+    assert parse_server_timing("cache;desc=hit, engine;dur=x, app;dur=1.5") == {"app": 1.5}
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"server-timing", b"engine;dur=1.000")] if scope["path"] == "/a" else []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def headers(path):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(RequestTimer(app)({"type": "http", "path": path, "headers": []}, None, send))
+        return parse_server_timing(dict(sent[0]["headers"])[b"server-timing"].decode())
+
+    assert list(headers("/a")) == ["engine", "app"] and list(headers("/b")) == ["app"]
+
+
+def test_bench_split_sums_to_the_request_time():
+    """``serve_bench``'s split: the stages, the server's own overhead and HTTP add up to the
+    client's latency (per request, so the medians are consistent with it)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import serve_bench
+
+    samples = [(10.0, {"decode": 0.2, "queue": 0.1, "transform": 1.0, "engine": 2.0, "encode": 0.2, "app": 5.0}),
+               (12.0, {"decode": 0.2, "queue": 0.1, "transform": 1.2, "engine": 2.5, "encode": 0.2, "app": 6.0})]
+    split = serve_bench.split_ms(samples)
+    assert split["engine"] == 2.25 and split["app"] == 5.5
+    assert split["server_overhead"] == pytest.approx(1.65) and split["http"] == 5.5
+    inner = sum(split[k] for k in ("decode", "queue", "transform", "engine", "encode", "server_overhead"))
+    assert inner == pytest.approx(split["app"]) and inner + split["http"] <= 11.0 + 1e-9
+
+
 def test_cli_rejects_a_missing_model_dir_without_starting(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", str(tmp_path / "nope"), "--name", "m"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -312,3 +428,97 @@ def test_zz_sigterm_stops_the_server_cleanly(server):
     assert server.proc.wait(120) == 0, server.log_tail()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{server.url}/v2/health/ready", timeout=5)
+
+
+def _runtime(monkeypatch, inline_max_rows, run):
+    """A NanoTfxRuntime over a stub servable (input ``x``, FP32, one row per value)."""
+    import asyncio
+
+    from mlserver.settings import ModelParameters, ModelSettings
+
+    from components.serving import runtime as rt
+    from components.serving.servable import Servable, TensorSpec
+
+    servable = Servable("tensors", "test", [TensorSpec("x", np.dtype(np.float32), (None,))], ["y"], run, ("engine",))
+    monkeypatch.setattr(rt, "load_servable", lambda uri, thread_num=None: servable)
+    extra = {} if inline_max_rows is None else {"inline_max_rows": inline_max_rows}
+    model = rt.NanoTfxRuntime(ModelSettings(name="m", implementation=rt.NanoTfxRuntime,
+                                            parameters=ModelParameters(uri="/nonexistent", extra=extra)))
+    asyncio.run(model.load())
+    return model
+
+
+def _x_request(rows: int):
+    from mlserver.types import InferenceRequest, RequestInput
+
+    return InferenceRequest(inputs=[RequestInput(name="x", shape=[rows], datatype="FP32", data=[1.0] * rows)])
+
+
+def test_small_requests_run_on_the_event_loop_large_ones_in_the_pool(monkeypatch):
+    """``inline_max_rows``: a request of at most that many rows runs its engine call on the
+    event-loop thread (no thread hop), a larger one in the pool; 0 sends every request to the
+    pool; a request finding the engine busy (a pool thread holds it) waits in the pool, not on
+    the event loop, which keeps answering meanwhile. Same answers whichever thread runs them."""
+    import asyncio
+    import threading
+
+    from components.serving.runtime import DEFAULT_INLINE_MAX_ROWS
+
+    threads: list = []
+
+    def run(arrays, timings):
+        threads.append(threading.current_thread())
+        return {"y": arrays["x"] + 1}
+
+    def thread_of(model, rows):
+        async def go():
+            response = await model.predict(_x_request(rows))
+            return threading.current_thread(), response
+
+        threads.clear()
+        loop_thread, response = asyncio.run(go())
+        assert response.outputs[0].data.__root__ == [2.0] * rows
+        return "loop" if threads == [loop_thread] else "pool"
+
+    model = _runtime(monkeypatch, None, run)
+    assert DEFAULT_INLINE_MAX_ROWS >= 1
+    assert thread_of(model, 1) == "loop" and thread_of(model, DEFAULT_INLINE_MAX_ROWS) == "loop"
+    assert thread_of(model, DEFAULT_INLINE_MAX_ROWS + 1) == "pool"
+    model = _runtime(monkeypatch, 0, run)
+    assert thread_of(model, 1) == "pool"
+    model = _runtime(monkeypatch, 2, run)
+    assert thread_of(model, 2) == "loop" and thread_of(model, 3) == "pool"
+
+    async def busy_engine():  # the engine held elsewhere: the small request waits off the loop
+        model._engine_lock.acquire()
+        threads.clear()
+        task = asyncio.ensure_future(model.predict(_x_request(1)))
+        ticks = 0
+        for _ in range(5):  # the loop keeps running while the request waits for the engine
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not task.done() and threads == []
+        model._engine_lock.release()
+        response = await task
+        return ticks, response, threading.current_thread()
+
+    ticks, response, loop_thread = asyncio.run(busy_engine())
+    assert ticks == 5 and response.outputs[0].data.__root__ == [2.0]
+    assert len(threads) == 1 and threads[0] is not loop_thread
+
+
+def test_event_loop_and_inline_options():
+    from components.serving.server import ServeOptions, event_loop_name
+
+    try:
+        import uvloop  # noqa: F401
+        auto = "uvloop"
+    except ImportError:
+        auto = "asyncio"
+    assert event_loop_name("auto") == auto and event_loop_name() == auto
+    assert event_loop_name("asyncio") == "asyncio" and event_loop_name("uvloop") == "uvloop"
+    assert ServeOptions().event_loop == "auto" and ServeOptions(inline_max_rows=0).inline_max_rows == 0
+    with pytest.raises(ValueError, match="event_loop"):
+        ServeOptions(event_loop="trio")
+    with pytest.raises(ValueError, match="inline_max_rows"):
+        ServeOptions(inline_max_rows=-1)

@@ -45,6 +45,10 @@ class QuantizerSpec(ComponentSpec):
         "signature_name": ExecutionParameter(type=str),
         # FP32 batch-1 time / quantized time the blessed model must reach (0 = no speed gate).
         "min_speedup": ExecutionParameter(type=float, optional=True),
+        # "full" | "sequential": each trial on the whole evaluation split, or on as few examples as
+        # the criterion needs (nano_tfx.tuning.paired_eval), at this confidence
+        "trial_evaluation": ExecutionParameter(type=str, optional=True),
+        "confidence": ExecutionParameter(type=float, optional=True),
     }
     INPUTS = {
         MODEL_KEY: ChannelParameter(type=standard_artifacts.Model),
@@ -77,7 +81,9 @@ class Quantizer(base_beam_component.BaseBeamComponent):
       previous_report: optional earlier ``report``: finished trials for the same model
         fingerprint and configuration are reused (resume instead of repeat).
       accelerator: None (Intel Neural Compressor, TF graph), 'onnxruntime', 'openvino' or 'auto'.
-      precision: 'int8' (default) or another precision the accelerator supports.
+      precision: 'int8' (default), another precision the accelerator supports, or 'auto': the
+        precision ladder (INT8 → INT8 with BF16 fallback layers → BF16 → the engine's FP32),
+        the fastest rung that meets the criterion is blessed (its precision in the message).
       accuracy_criterion: same dict as the Keras API; bounds the metric drop vs. FP32
         (default: 1 % relative).
       metric: metric to compare (a Keras metric name); default: the Evaluator's first metric.
@@ -119,6 +125,8 @@ class Quantizer(base_beam_component.BaseBeamComponent):
         batch_size: Optional[int] = None,
         signature_name: str = FROM_TRANSFORMED_FEATURES,
         min_speedup: Optional[float] = DEFAULT_MIN_SPEEDUP,
+        trial_evaluation: str = "full",
+        confidence: float = 0.99,
     ):
         params = validate_parameters(
             accelerator=accelerator,
@@ -135,6 +143,8 @@ class Quantizer(base_beam_component.BaseBeamComponent):
             batch_size=batch_size,
             signature_name=signature_name,
             min_speedup=min_speedup,
+            trial_evaluation=trial_evaluation,
+            confidence=confidence,
         )
         if params["accuracy_criterion"] is not None:
             params["accuracy_criterion"] = json.dumps(params["accuracy_criterion"], sort_keys=True)

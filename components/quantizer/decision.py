@@ -71,6 +71,7 @@ class QuantizerDecision:
     engine_fp32_latency_ms: Optional[float] = None  # the returned model's engine running FP32
     int8_gain: Optional[float] = None  # engine_fp32_latency_ms ÷ the returned model's ms
     backend: Optional[str] = None
+    result_precision: Optional[str] = None  # what the returned model runs in ("auto" picks a rung)
     serving_dir: Optional[str] = None
     raw_parse_keys: Optional[list] = None
     blessed: bool = False
@@ -109,6 +110,8 @@ class QuantizerDecision:
         speed_ok = not gate or (report.speedup is not None and report.speedup >= gate)
         self.speedup, self.fp32_latency_ms, self.int8_metric = report.speedup, report.fp32_latency_ms, value
         self.engine_fp32_latency_ms, self.int8_gain = report.engine_fp32_latency_ms, report.int8_gain
+        self.result_precision = report.result_precision or (self.precision if self.precision != "auto" else None)
+        prec = (self.result_precision or "int8").upper()
         self.blessed = bool(met and bounds_ok and speed_ok)
         speed, name = report.speed_summary(), self.metric
         criterion = describe_criterion(self.user_criterion)
@@ -116,7 +119,7 @@ class QuantizerDecision:
             within = f"within the criterion ({criterion})"
             if lower is not None or upper is not None:
                 within += f" and the Evaluator's bounds ({self.bounds_text()})"
-            message = f"INT8 {name}={value:.4f} vs FP32 {report.baseline:.4f}: {within}; {speed}"
+            message = f"{prec} {name}={value:.4f} vs FP32 {report.baseline:.4f}: {within}; {speed}"
         elif not speed_ok or speed_refused:
             message = (f"{speed}: the quantized model is not {gate or 0:g}× as fast as FP32, so it is "
                        f"not blessed (accuracy {name}={_num(value)} vs FP32 {_num(report.baseline)}); "
@@ -125,7 +128,11 @@ class QuantizerDecision:
             message = (f"no trial met the criterion ({describe_criterion(self.effective_criterion)}; baseline "
                        f"{name}={_num(report.baseline)}); best {_num(value)}; stopped: {report.stop_reason}; {speed}")
         else:
-            message = f"INT8 {name}={_num(value)} misses the Evaluator's bounds ({self.bounds_text()}); {speed}"
+            message = f"{prec} {name}={_num(value)} misses the Evaluator's bounds ({self.bounds_text()}); {speed}"
+        # precision='auto': which rung won and why the ones above it lost
+        ladder = report.ladder_summary()
+        if ladder:
+            message += f"; {ladder}"
         # What actually runs in INT8, in every verdict: an "INT8" model that is all FP32 says so.
         coverage = report.int8_coverage_text()
         self.blessing_message = f"{message}; {coverage}" if coverage else message
@@ -145,6 +152,8 @@ class QuantizerDecision:
         """The ``blessing`` artifact's custom properties (``blessed`` is what the Pusher checks)."""
         props: dict[str, Any] = {"blessed": 1 if self.blessed else 0,
                                  "blessing_message": self.blessing_message[:2000]}
+        if self.result_precision:
+            props["precision"] = self.result_precision
         for key, value in (("quantized_metric", self.int8_metric), ("fp32_metric", self.baseline),
                            ("speedup", self.speedup), ("fp32_latency_ms", self.fp32_latency_ms),
                            ("engine_fp32_latency_ms", self.engine_fp32_latency_ms), ("int8_gain", self.int8_gain)):
@@ -172,7 +181,8 @@ class QuantizerDecision:
         if self.min_speedup is not None:
             rows.append(("Speed gate", f"≥ {self.min_speedup:g}× FP32's speed at batch 1" if self.min_speedup
                          else "off (min_speedup=0)"))
-        rows.append(("Backend", f"{self.backend or self.accelerator or 'inc'}, {self.precision}"))
+        precision = self.precision if self.precision != "auto" else f"auto → {self.result_precision or 'none'}"
+        rows.append(("Backend", f"{self.backend or self.accelerator or 'inc'}, {precision}"))
         if self.tuning_runner:
             rows.append(("Trials ran", f"{self.tuning_runner} on {self.beam_runner}, "
                                        f"{self.trial_parallelism or 1} at a time"))

@@ -250,7 +250,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             batch=batch_size, sample_size=sample_size, signature_name="serving_default",
             eval_dataset=eval_source, baseline=baseline, trial_runner=runner,
             previous_report=previous_report, workdir=os.path.join(tmp_dir, "nano_tfx"),
-            min_speedup=min_speedup,
+            min_speedup=min_speedup, trial_evaluation=exec_properties.get("trial_evaluation") or "full",
+            confidence=exec_properties.get("confidence") or 0.99,
         )
         met, err_seen = True, None
         try:

@@ -35,7 +35,7 @@ def _engine_check(accelerator: Any, precision: str) -> None:
     """What the chosen backend can't do (precision per accelerator), before any run."""
     from nano_tfx.backends.base import backend_class
 
-    if accelerator == "auto":
+    if accelerator == "auto" or precision == "auto":  # the ladder runs what each engine has
         return
     cls = backend_class(accelerator)
     supported = dict(cls.precisions)
@@ -61,14 +61,14 @@ def validate_parameters(
     batch_size: Any,
     signature_name: Any,
     min_speedup: Any = DEFAULT_MIN_SPEEDUP,
+    trial_evaluation: Any = "full",
+    confidence: Any = 0.99,
 ) -> dict:
     """Validate every parameter; return the exec-property dict (None for unset optionals)."""
     if accelerator not in ACCELERATORS:  # first: the precision checks below depend on it
         QuantizationRequest.from_kwargs(has_metric=True, accelerator=accelerator)
-    if not isinstance(precision, str) or (precision not in PRECISIONS and precision != "auto"):
+    if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
-    if precision == "auto" and accelerator != "auto":
-        raise ValueError("precision: 'auto' needs accelerator='auto'")
     criterion = validate_accuracy_criterion(accuracy_criterion)
     for name, value in (("metric", metric), ("label_key", label_key), ("tuning_strategy", tuning_strategy)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -91,7 +91,8 @@ def validate_parameters(
         has_metric=True, accelerator=accelerator, precision=precision, accuracy_criterion=accuracy_criterion,
         tuning_strategy=tuning_strategy, max_trials=max_trials,
         timeout=float(timeout) if _is_number(timeout) else timeout, batch=batch_size,
-        sample_size=int(sample_size), min_speedup=min_speedup)
+        sample_size=int(sample_size), min_speedup=min_speedup, trial_evaluation=trial_evaluation,
+        confidence=confidence)
     _engine_check(accelerator, precision)
     return {
         "accelerator": accelerator,
@@ -108,4 +109,6 @@ def validate_parameters(
         "batch_size": int(batch_size) if batch_size is not None else None,
         "signature_name": signature_name,
         "min_speedup": 0.0 if request.min_speedup is None else request.min_speedup,  # None = no gate
+        "trial_evaluation": request.trial_evaluation,
+        "confidence": request.confidence,
     }

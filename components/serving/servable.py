@@ -16,11 +16,11 @@ nano_tfx's JSON manifest): nothing is unpickled.
 from __future__ import annotations
 
 import json
-import functools
 import logging
 import os
 import re
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -44,24 +44,53 @@ class TensorSpec:
     shape: tuple  # None for a free dimension; shape[0] is the batch
 
 
+#: Stage names a ``Servable`` times (``Servable.predict(..., timings=...)``), in call order.
+STAGE_TRANSFORM = "transform"  # TensorFlow: parse the tf.Examples + the tf.Transform graph (+ .numpy())
+STAGE_ENGINE = "engine"  # the model's engine (ONNX Runtime, OpenVINO, INC/TF session) on numpy inputs
+STAGE_MODEL = "model"  # a SavedModel signature: TensorFlow runs parse, transform and model in one call
+
+
 @dataclass
 class Servable:
-    """What a model folder serves: ``predict({name: array}) -> {name: array}``."""
+    """What a model folder serves: ``predict({name: array}) -> {name: array}``.
+
+    ``stages`` names what ``predict`` times when given a ``timings`` dict (``perf_counter``,
+    milliseconds, two clock reads per stage): ``("transform", "engine")`` for an engine model
+    behind ``transform_graph/``, ``("engine",)`` for an engine model on its own inputs,
+    ``("model",)`` for a SavedModel (one TensorFlow call, parsing included).
+    """
 
     kind: str  # "examples" (raw tf.Examples) or "tensors" (the model's own inputs)
     layout: str  # e.g. "savedmodel", "inc", "openvino+transform_graph"
     inputs: list[TensorSpec]
     outputs: list[str]
-    _run: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+    _run: Callable[[Mapping[str, np.ndarray], dict], Mapping[str, np.ndarray]]
+    stages: tuple = (STAGE_MODEL,)
 
-    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(self, inputs: Mapping[str, np.ndarray], timings: Optional[dict] = None) -> dict[str, np.ndarray]:
+        """Run the model; with ``timings`` (a dict), add each stage's milliseconds to it."""
         names = [t.name for t in self.inputs]
         unknown = sorted(set(inputs) - set(names))
         missing = [n for n in names if n not in inputs]
         if unknown or missing:
             raise RequestError(f"inputs: expected {names}, got {sorted(inputs)}")
-        out = self._run(inputs)
+        out = self._run(inputs, {} if timings is None else timings)
         return {name: np.asarray(out[name]) for name in self.outputs}
+
+
+class _Stage:
+    """``with _Stage(timings, name):`` adds the block's milliseconds to ``timings[name]``."""
+
+    __slots__ = ("timings", "name", "t0")
+
+    def __init__(self, timings: dict, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.t0 = perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + (perf_counter() - self.t0) * 1000.0
 
 
 def _is_examples_signature(specs: Mapping[str, Any]) -> bool:
@@ -80,24 +109,57 @@ def _tf_error(err: Exception) -> RequestError:
     return RequestError(f"examples: {line[:300]}")
 
 
-@functools.lru_cache(maxsize=None)  # once per process
-def configure_tensorflow() -> None:
-    """Process-wide TensorFlow settings for serving; once, before any model is loaded.
+#: TensorFlow's intra-op and inter-op threads in a serving process (``configure_tensorflow``).
+DEFAULT_TF_THREADS = 1
+_tf_configured: list = []  # the settings applied, once per process
 
-    With oneDNN on (nano_tfx turns it on: INC's INT8 kernels need it), Grappler's remapper fuses
-    Conv2D + FusedBatchNorm of a SavedModel (BatchNorm is variables there, never folded) into a
-    oneDNN convolution with BatchNorm as *binary* post-ops, and at batch 1 on an AVX2 CPU oneDNN
-    runs that through its gemm convolution with reference post-ops: MobileNetV2 took ~3.4 s per
-    image instead of ~55 ms (ONEDNN_VERBOSE: 35 convolutions ``x64:gemm:jit`` with
-    ``binary_sub+binary_mul+...`` post-ops, >95 % of the time). A server answers mostly batch-1
-    requests, so the remapper is off here; INC's INT8 graphs come already fused by INC.
+
+def configure_tensorflow(tf_threads: Optional[int] = None) -> None:
+    """Process-wide TensorFlow settings for serving; once, before any model is loaded (later
+    calls do nothing). ``tf_threads``: TensorFlow's intra-op and inter-op threads; None leaves
+    them alone (``load_servable`` in someone else's process); ``nano-tfx serve`` passes
+    ``ServeOptions.tf_threads`` or ``DEFAULT_TF_THREADS`` (1).
+
+    Threads. In a served engine model TensorFlow runs only the request's parsing and the
+    tf.Transform graph (one JPEG decode + resize per image: small, sequential ops); the engine
+    (ONNX Runtime, OpenVINO) runs the model on its own threads, by default one per core, exactly
+    as ``nano_tfx.quantize`` timed it when it chose the engine (``accelerator='auto'``). With
+    TensorFlow's defaults (one intra-op and one inter-op thread per core) its Eigen pools spin
+    after each op and wake threads the engine wants on the next call: measured on a 2-core EPYC,
+    served MobileNetV2 (JPEG tf.Examples, concurrency 1), the transform took ~1.3 ms with the
+    defaults and ~1.0 ms with one thread each, the engine call did not get slower, and the FP32
+    SavedModel (TensorFlow is its engine) was no slower at batch 1 either (15-22 ms both ways,
+    noisy). So TensorFlow gets one thread of each kind and the engine keeps the cores; raise
+    ``tf_threads`` (``ServeOptions.tf_threads``) for a server that mostly runs big FP32 batches in
+    TensorFlow. If TensorFlow was already initialised in this process (a notebook, a test) its
+    thread pools cannot change any more: they are kept, with a log line.
+
+    Remapper. With oneDNN on (nano_tfx turns it on: INC's INT8 kernels need it), Grappler's
+    remapper fuses Conv2D + FusedBatchNorm of a SavedModel (BatchNorm is variables there, never
+    folded) into a oneDNN convolution with BatchNorm as *binary* post-ops, and at batch 1 on an
+    AVX2 CPU oneDNN runs that through its gemm convolution with reference post-ops: MobileNetV2
+    took ~3.4 s per image instead of ~55 ms (ONEDNN_VERBOSE: 35 convolutions ``x64:gemm:jit``
+    with ``binary_sub+binary_mul+...`` post-ops, >95 % of the time). A server answers mostly
+    batch-1 requests, so the remapper is off here; INC's INT8 graphs come already fused by INC.
     """
+    if _tf_configured:
+        return
     import tensorflow as tf
 
     from nano_tfx._env import onednn_enabled
 
+    if tf_threads is not None and int(tf_threads) < 1:
+        raise ValueError(f"tf_threads: expected >= 1, got {tf_threads!r}")
     if onednn_enabled():
         tf.config.optimizer.set_experimental_options({"remapping": False})
+    if tf_threads is not None:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(int(tf_threads))
+            tf.config.threading.set_inter_op_parallelism_threads(int(tf_threads))
+        except RuntimeError:  # "cannot be modified after initialization"
+            logger.info("TensorFlow already initialised in this process: its thread pools are kept "
+                        "(serving wants %d intra-op / %d inter-op)", tf_threads, tf_threads)
+    _tf_configured.append(tf_threads)
 
 
 def _saved_model(path: str) -> Servable:
@@ -114,16 +176,17 @@ def _saved_model(path: str) -> Servable:
                          tuple(s.shape.as_list()) if s.shape.rank is not None else (None,))
               for n, s in sorted(specs.items())]
 
-    def run(arrays: Mapping[str, np.ndarray]) -> dict:
-        try:
-            out = fn(**{n: tf.constant(a, dtype=specs[n].dtype) for n, a in arrays.items()})
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as err:
-            raise _tf_error(err) from err
-        return {k: v.numpy() for k, v in out.items()}
+    def run(arrays: Mapping[str, np.ndarray], timings: dict) -> dict:
+        with _Stage(timings, STAGE_MODEL):
+            try:
+                out = fn(**{n: tf.constant(a, dtype=specs[n].dtype) for n, a in arrays.items()})
+            except (tf.errors.InvalidArgumentError, ValueError, TypeError) as err:
+                raise _tf_error(err) from err
+            return {k: v.numpy() for k, v in out.items()}
 
     layout = "inc" if os.path.isfile(os.path.join(path, MANIFEST)) else "savedmodel"
     kind = "examples" if _is_examples_signature(specs) else "tensors"
-    return Servable(kind, layout, inputs, outputs, run)
+    return Servable(kind, layout, inputs, outputs, run, (STAGE_MODEL,))
 
 
 def _raw_keys(path: str, transform: Any) -> list[str]:
@@ -151,23 +214,26 @@ def _engine_model(path: str, thread_num: Optional[int]) -> Servable:
     if not os.path.isdir(transform_dir):
         inputs = [TensorSpec(t.name, np.dtype(t.dtype), tuple(t.shape)) for t in model.inputs]
 
-        def run_tensors(arrays: Mapping[str, np.ndarray]) -> dict:
+        def run_tensors(arrays: Mapping[str, np.ndarray], timings: dict) -> dict:
             try:
                 batch = model._as_inputs({t.name: arrays[t.name] for t in model.inputs})
             except ValueError as err:
                 raise RequestError(str(err).replace("x: ", "inputs: ", 1)) from err
-            return dict(zip(outputs, model.run(batch)))
+            with _Stage(timings, STAGE_ENGINE):
+                return dict(zip(outputs, model.run(batch)))
 
-        return Servable("tensors", layout, inputs, outputs, run_tensors)
+        return Servable("tensors", layout, inputs, outputs, run_tensors, (STAGE_ENGINE,))
 
     transform = _transform_fn(path, transform_graph_dir(path), model.inputs)
 
-    def run_examples(arrays: Mapping[str, np.ndarray]) -> dict:
-        features = transform(arrays[EXAMPLES_INPUT])
-        return dict(zip(outputs, model.run(features)))
+    def run_examples(arrays: Mapping[str, np.ndarray], timings: dict) -> dict:
+        with _Stage(timings, STAGE_TRANSFORM):
+            features = transform(arrays[EXAMPLES_INPUT])
+        with _Stage(timings, STAGE_ENGINE):
+            return dict(zip(outputs, model.run(features)))
 
-    return Servable("examples", f"{layout}+{TRANSFORM_DIR}",
-                    [TensorSpec(EXAMPLES_INPUT, np.dtype(object), (None,))], outputs, run_examples)
+    return Servable("examples", f"{layout}+{TRANSFORM_DIR}", [TensorSpec(EXAMPLES_INPUT, np.dtype(object), (None,))],
+                    outputs, run_examples, (STAGE_TRANSFORM, STAGE_ENGINE))
 
 
 def _transform_fn(path: str, transform_dir: str, model_inputs: Sequence[Any]) -> Callable:
@@ -201,7 +267,11 @@ def _transform_fn(path: str, transform_dir: str, model_inputs: Sequence[Any]) ->
 
 
 def load_servable(path: str, thread_num: Optional[int] = None) -> Servable:
-    """The ``Servable`` of a model folder (see the module doc for the layouts)."""
+    """The ``Servable`` of a model folder (see the module doc for the layouts).
+
+    ``thread_num``: the engine's threads (ONNX Runtime, OpenVINO, INC's session); None keeps the
+    engines' defaults, the settings ``nano_tfx.quantize`` timed the engines with. TensorFlow's
+    own threads are left alone here (``nano-tfx serve`` sets them first: ``configure_tensorflow``)."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise ValueError(f"MODEL_DIR: expected a model directory, got {path!r}")

@@ -15,22 +15,21 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from nano_tfx.cpu import cpu_has_vnni  # noqa: F401 - re-exported (the backends' knob)
 from nano_tfx.interchange import SavedModelSource
 
+#: the engine's own FP32 model as a rung of ``precision='auto'``: no quantization, ``fp32_candidate``
+FP32 = "fp32"
+#: INT8 with the layers kept out of INT8 in BF16 instead of FP32 (a TrialConfig knob of INT8
+#: trials, value "bf16"; the candidate's precision is then ``INT8_BF16``)
+FALLBACK_PRECISION = "fallback_precision"
+INT8_BF16 = "int8+bf16"
 
-def cpu_has_vnni() -> bool | None:
-    """Whether the x86 CPU has VNNI/AMX int8 dot products, from /proc/cpuinfo (Linux); None when
-    unknown. Without them U8S8 int8 kernels sum pairs into saturating int16 (VPMADDUBSW): the
-    backends then default to 7-bit weights and let the tuner try 8-bit ones."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    except OSError:
-        pass
-    return None
+
+def trial_precision(precision: str, config: "TrialConfig") -> str:
+    """What a trial of ``precision`` with ``config`` runs in: "int8+bf16" for an INT8 trial whose
+    fallback layers run in BF16, else ``precision`` (the label in reports and manifests)."""
+    return INT8_BF16 if precision == "int8" and config.knob(FALLBACK_PRECISION) == "bf16" else precision
 
 
 @dataclass(frozen=True)
@@ -167,6 +166,8 @@ class Backend(abc.ABC):
 
     def validate(self, precision: str, approach: str) -> None:
         """Raise ``ValueError`` naming the argument when this backend can't do the request."""
+        if precision == FP32:  # every engine runs its own FP32 model (``fp32_candidate``)
+            return
         if precision not in self.precisions:
             raise ValueError(
                 f"precision: accelerator={self.accelerator_name()!r} supports "
@@ -200,6 +201,23 @@ class Backend(abc.ABC):
         accuracy: AccuracyContext | None = None,
     ) -> Candidate:
         """Produce one candidate. ``calibration`` is None for dynamic/bf16/fp16 requests."""
+
+    def space(self, prepared: Any, precision: str, approach: str) -> SearchSpace:
+        """``search_space``, and the empty one of the FP32 rung (nothing to tune)."""
+        return SearchSpace() if precision == FP32 else self.search_space(prepared, precision, approach)
+
+    def build(self, prepared: Any, precision: str, config: TrialConfig, calibration: "CalibrationData | None",
+              accuracy: AccuracyContext | None = None) -> Candidate:
+        """One trial's candidate: ``quantize``, or the engine's own FP32 model for the FP32 rung."""
+        if precision == FP32:
+            return self.fp32_candidate(prepared)
+        return self.quantize(prepared, precision, config, calibration, accuracy)
+
+    def bf16_fallback(self, config: TrialConfig | None = None) -> str | None:
+        """Why this engine can't run an INT8 model's fallback layers in BF16 (None: it can, with
+        the ``FALLBACK_PRECISION`` knob); with ``config``, why it would not pay for that INT8
+        config. The CPU's BF16 is judged by the ladder (``nano_tfx.cpu``), not here."""
+        return f"{self.name}: no BF16 fallback layers"
 
     @abc.abstractmethod
     def load(self, directory: str, manifest: Mapping[str, Any]) -> Candidate:

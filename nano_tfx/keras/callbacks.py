@@ -180,7 +180,9 @@ class QuantizationCallback(keras.callbacks.Callback):
         # vs the same engine's FP32 (int8_speedup also counts the engine's gain over TensorFlow)
         entry["int8_gain"] = rep.int8_gain if rep and rep.int8_gain is not None else float("nan")
         logs.update(entry)
-        self.history.append({"epoch": epoch + 1, **entry})
+        # what the model runs in (precision='auto' picks a rung): in the history, not in Keras'
+        # numeric logs; the int8_* keys keep their names whatever the rung
+        self.history.append({"epoch": epoch + 1, **entry, "precision": q.precision})
         self._last_done_epoch = epoch
         key_value = values.get(self._metric_key) if values else None
         keep = not self.save_best_only or self._better(key_value)

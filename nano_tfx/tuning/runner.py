@@ -52,6 +52,7 @@ class TrialJob:
     compare_fp32: bool = True
     min_speedup: float | None = None
     workdir: str | None = None
+    sequential: Any = None  # nano_tfx.tuning.paired_eval.PairedEvaluation: trial_evaluation='sequential'
 
 
 @dataclass
@@ -71,6 +72,7 @@ class TrialResult:
     evaluations: int = 0  # metric evaluations this trial made (NNCF accuracy control: many)
     output_mse: float | None = None
     int8_ops: dict[str, list[int]] | None = None  # INT8 coverage, counted by the backend (nano_tfx.coverage)
+    sequential: dict | None = None  # trial_evaluation='sequential': examples evaluated, interval, decision
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     artifact_dir: str | None = None
     candidate: Candidate | None = None  # in-process only; dropped when pickled
@@ -101,7 +103,8 @@ def _backend_and_prepared(job: TrialJob):
     """One backend instance and one ``prepare`` per (process, source, backend, options)."""
     # job.workdir is in the key: a prepared model lives in its call's workdir, which is removed
     # when that call's result goes away (two calls on the same SavedModel path must not share it).
-    key = (job.source.path, job.source.signature_key, job.backend, repr(job.options), job.precision, job.workdir)
+    # The precision is not: the rungs of ``precision='auto'`` share one conversion per engine.
+    key = (job.source.path, job.source.signature_key, job.backend, repr(job.options), job.workdir)
     if key not in _PREPARED:
         backend = backend_class(job.backend)(job.options)
         workdir = job.workdir or job.artifact_root or os.path.join(os.path.dirname(job.source.path), "work")
@@ -299,17 +302,23 @@ def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
     try:
         backend, prepared = _backend_and_prepared(job)
         ctx = accuracy_context(job)
-        candidate = backend.quantize(prepared, job.precision, config, job.calibration, ctx)
+        candidate = backend.build(prepared, job.precision, config, job.calibration, ctx)
         check_outputs(job, candidate)
         result = TrialResult(config, candidate=candidate, evaluations=ctx.evaluations if ctx else 0)
         result.int8_ops = _int8_ops(job, candidate)
         if job.evaluator is not None:
             result.evaluations += 1
-            model = QuantizedModel(candidate, job.source)
-            result.metric = job.evaluator.evaluate(candidate.run, job.evaluation, model=model)
+            if job.sequential is not None:  # decided on as few examples as the criterion needs
+                metric, record = job.sequential.evaluate(candidate.run)
+                result.metric, result.sequential = metric, record.to_dict()
+            else:
+                model = QuantizedModel(candidate, job.source)
+                result.metric = job.evaluator.evaluate(candidate.run, job.evaluation, model=model)
             if not np.isfinite(result.metric):
                 raise GarbageModelError(f"{job.evaluator.name} is {result.metric} on this candidate")
-            if job.criterion is not None and job.baseline is not None:
+            if job.sequential is not None:
+                result.passed = result.sequential["verdict"] == "pass"
+            elif job.criterion is not None and job.baseline is not None:
                 result.passed = job.criterion.met(job.baseline, result.metric)
         if job.want_mse and job.evaluation is not None:
             result.output_mse = _output_mse(job, candidate)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from nano_tfx.backends.base import Candidate, SearchSpace, TrialConfig, backend_class
+from nano_tfx.backends.base import Candidate, SearchSpace, TrialConfig, backend_class, trial_precision
 from nano_tfx.diagnosis import rank_by_harm
 from nano_tfx.progress import TrialHook
 from nano_tfx.report import Report, TrialRecord
@@ -121,9 +121,11 @@ def _score(job: TrialJob, result: TrialResult, use_mse: bool) -> float | None:
     return result.metric if hib else -result.metric
 
 
-def _record(report: Report, job: TrialJob, result: TrialResult) -> TrialRecord:
+def record_trial(report: Report, job: TrialJob, result: TrialResult) -> TrialRecord:
+    """The trial as a row of ``report`` (its index is the row's)."""
     rec = TrialRecord(
-        index=len(report.trials), key=result.config.key(), backend=job.backend, precision=job.precision,
+        index=len(report.trials), key=result.config.key(), backend=job.backend,
+        precision=trial_precision(job.precision, result.config),
         config=result.config.to_dict(), metric=result.metric, passed=result.passed,
         latency_ms=result.latency_ms, latency_batch_ms=result.latency_batch_ms, batch=job.latency_batch,
         size_bytes=result.size_bytes, seconds=result.seconds, speedup=result.speedup,
@@ -131,17 +133,17 @@ def _record(report: Report, job: TrialJob, result: TrialResult) -> TrialRecord:
         status=result.status,  # type: ignore[arg-type]
         error=result.error, traceback=result.traceback, evaluations=result.evaluations,
         output_mse=result.output_mse, worker=result.worker, artifact_dir=result.artifact_dir,
-        int8_ops=result.int8_ops,
+        int8_ops=result.int8_ops, sequential=result.sequential,
     )
     report.trials.append(rec)
     return rec
 
 
-def _reused(previous: Report | None, job: TrialJob, config: TrialConfig) -> TrialResult | None:
+def reused_trial(previous: Report | None, job: TrialJob, config: TrialConfig) -> TrialResult | None:
     """A finished trial of an earlier run of the same model and request (resume)."""
     if previous is None:
         return None
-    rec = previous.find(config.key(), job.backend, job.precision)
+    rec = previous.find(config.key(), job.backend, trial_precision(job.precision, config))
     if rec is None or rec.metric is None and job.evaluator is not None:
         return None
     # Judge the stored metric against *today's* bar: the criterion or baseline may have changed.
@@ -155,11 +157,11 @@ def _reused(previous: Report | None, job: TrialJob, config: TrialConfig) -> Tria
         latency_batch_ms=rec.latency_batch_ms, size_bytes=rec.size_bytes, seconds=0.0, speedup=rec.speedup,
         fp32_latency_ms=rec.fp32_latency_ms,
         status="reused", output_mse=rec.output_mse, worker=rec.worker, artifact_dir=rec.artifact_dir,
-        int8_ops=rec.int8_ops,
+        int8_ops=rec.int8_ops, sequential=rec.sequential,
     )
 
 
-def _judge_speed(job: TrialJob, result: TrialResult) -> None:
+def judge_speed(job: TrialJob, result: TrialResult) -> None:
     """Under a per-trial speed gate a slower trial does not pass, whatever its accuracy (a
     reused trial is judged against today's gate too)."""
     if job.min_speedup and result.passed and (result.speedup is None or result.speedup < job.min_speedup):
@@ -174,13 +176,13 @@ def _open(state: _State, strategy: str | None, report: Report, strict: bool) -> 
         backend = backend_class(job.backend)(job.options)
         backend.validate(job.precision, job.approach)
         _, prepared = _backend_and_prepared(job)
-        space: SearchSpace = backend.search_space(prepared, job.precision, job.approach)
+        space: SearchSpace = backend.space(prepared, job.precision, job.approach)
     except Exception as err:  # noqa: BLE001 - under auto, one backend failing is a row, not a crash
         if strict:
             raise
         result = TrialResult.failure(TrialConfig.make(), err)
         log.warning("nano-tfx: %s/%s cannot run: %s\n%s", job.backend, job.precision, result.error, result.traceback)
-        _record(report, job, result)
+        record_trial(report, job, result)
         state.outcome.stop_reason = f"failed: {result.error}"
         state.done = True
         return False
@@ -216,15 +218,15 @@ def _step(state: _State, report: Report, budget: Budget, runner: TrialRunner, pr
     results: list[TrialResult] = []
     to_run: list[TrialConfig] = []
     for cfg in configs:
-        hit = _reused(previous, job, cfg)
+        hit = reused_trial(previous, job, cfg)
         (results.append(hit) if hit else to_run.append(cfg))
     if to_run:
         log.info("nano-tfx: running %d %s/%s trial(s)", len(to_run), job.backend, job.precision)
         results.extend(runner.run(job, to_run))
     passing = []
     for res in results:
-        _judge_speed(job, res)
-        rec = _record(report, job, res)
+        judge_speed(job, res)
+        rec = record_trial(report, job, res)
         budget.trials += 1
         state.trials += 1
         score = _score(job, res, state.use_mse)
@@ -238,7 +240,7 @@ def _step(state: _State, report: Report, budget: Budget, runner: TrialRunner, pr
             passing.append((res, rec.index))
         for hook in hooks:
             hook(rec)
-    if state.controlled and not passing:
+    if state.controlled and not passing and job.precision == "int8":  # BF16/FP32 rungs: nothing to guide
         _guide(state, report, runner, results)
     for res in results:  # keep live models only for what may still be returned
         if all(res is not p for p, _ in passing) and res is not outcome.best:

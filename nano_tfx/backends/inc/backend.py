@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from nano_tfx.backends.base import (
-    AccuracyContext, Backend, CalibrationData, Candidate, SearchSpace, TrialConfig, register,
+    FALLBACK_PRECISION, INT8_BF16, AccuracyContext, Backend, CalibrationData, Candidate, SearchSpace, TrialConfig,
+    register,
 )
-from nano_tfx.backends.inc.convert import _COMPUTE_OPS, _frozen_graph, _tensor_names, inc_node_names
+from nano_tfx.backends.inc.convert import _COMPUTE_OPS, _frozen_graph, _tensor_names, inc_node_names, save_graph_def
 from nano_tfx.backends.inc.quantize import _capture_calibration_on_fd2, _Loader, contained_temp_files
+from nano_tfx.backends.inc.rewrite import rewrite_saved_model
 from nano_tfx.interchange import SavedModelSource, TensorInfo, export_signature_as_default
 
 
@@ -68,30 +71,8 @@ class IncCandidate(Candidate):
     def save(self, directory: str) -> None:
         import tensorflow as tf
 
-        feeds, fetches = self.input_tensors, self.output_tensors
-
-        def _import():
-            tf.compat.v1.import_graph_def(self.graph_def, name="")
-
-        wrapped = tf.compat.v1.wrap_function(_import, [])
-        pruned = wrapped.prune(
-            [wrapped.graph.get_tensor_by_name(n) for n in feeds],
-            [wrapped.graph.get_tensor_by_name(n) for n in fetches],
-        )
-        specs = [tf.TensorSpec(t.shape, tf.as_dtype(t.dtype), name=t.name) for t in self.inputs]
-        names = [t.name for t in self.outputs]
-
-        module = tf.Module()
-        module.graph_fn = pruned
-
-        @tf.function(input_signature=specs)
-        def serve(*args):
-            outs = module.graph_fn(*args)
-            outs = outs if isinstance(outs, (list, tuple)) else [outs]
-            return {n: o for n, o in zip(names, outs)}
-
-        module.serve = serve
-        tf.saved_model.save(module, directory, signatures={"serving_default": serve.get_concrete_function()})
+        save_graph_def(self.graph_def, self.input_tensors, self.output_tensors, self.inputs,
+                       [t.name for t in self.outputs], directory)
         tf.io.write_graph(self.graph_def, directory, "int8_graph.pb", as_text=False)
 
     def size_bytes(self, directory: str | None = None) -> int | None:
@@ -106,10 +87,19 @@ class IncCandidate(Candidate):
         return count(self.graph_def)
 
 
+class _Precisions:
+    """INT8 always; BF16 (INC's mixed precision) where the CPU has native BF16 (``nano_tfx.cpu``)."""
+
+    def __get__(self, obj, objtype=None) -> Mapping[str, tuple[str, ...]]:
+        from nano_tfx.cpu import bf16_support
+
+        return MappingProxyType({"int8": ("static",), **({"bf16": ()} if bf16_support()[0] else {})})
+
+
 @register(None)
 class IncBackend(Backend):
     name = "inc"
-    precisions = {"int8": ("static",)}
+    precisions = _Precisions()
 
     def validate(self, precision: str, approach: str) -> None:
         if precision == "int8" and approach != "static":
@@ -127,6 +117,9 @@ class IncBackend(Backend):
             )
 
     def prepare(self, source: SavedModelSource, workdir: str) -> _Prepared:
+        # Keras attention/EinsumDense and 3-D Dense (Einsum, BatchMatMulV2 on a constant kernel):
+        # rewritten into the 2-D MatMuls INC's TF kernels quantize; None when there is nothing to do
+        source = rewrite_saved_model(source, os.path.join(workdir, "inc_rewritten"))[0] or source
         graph_def, input_nodes, output_nodes = _frozen_graph(source)
         frozen = [n.name for n in graph_def.node if n.op in _COMPUTE_OPS]
         inc_names = inc_node_names(graph_def, frozen)  # the names op_name_dict fallback accepts
@@ -153,6 +146,8 @@ class IncBackend(Backend):
                             [f"{n}:0" for n in output_nodes], "fp32", self.options.thread_num)
 
     def search_space(self, prepared: _Prepared, precision: str, approach: str) -> SearchSpace:
+        if precision != "int8":  # BF16: nothing to tune
+            return SearchSpace()
         return SearchSpace(
             knobs={
                 "activation_algorithm": ["minmax", "kl"],
@@ -166,10 +161,12 @@ class IncBackend(Backend):
         from neural_compressor.config import PostTrainingQuantConfig, options
         from neural_compressor.quantization import fit
 
-        if calibration is None:
-            raise ValueError("calib_dataset: INC static quantization needs calibration data")
         source = prepared.source
         options.workspace = os.path.join(prepared.workdir, "nc_workspace")
+        if precision == "bf16":
+            return self._bf16(prepared)
+        if calibration is None:
+            raise ValueError("calib_dataset: INC static quantization needs calibration data")
         loader = _Loader(calibration, prepared.input_nodes)
         op_type = {
             op: {
@@ -178,7 +175,12 @@ class IncBackend(Backend):
             }
             for op in ("Conv2D", "DepthwiseConv2dNative", "MatMul")
         }
-        op_name = {n: {"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}} for n in config.fallback}
+        # INT8+BF16: INC's mixed precision converts the fallback ops to BF16 (Cast pairs around
+        # them, oneDNN BF16 kernels) instead of leaving them in FP32.
+        kept = config.knob(FALLBACK_PRECISION, "fp32")
+        if kept not in ("fp32", "bf16"):
+            raise ValueError(f"{FALLBACK_PRECISION}: expected 'fp32' or 'bf16', got {kept!r}")
+        op_name = {n: {"activation": {"dtype": [kept]}, "weight": {"dtype": [kept]}} for n in config.fallback}
         conf = PostTrainingQuantConfig(
             quant_level=1,
             calibration_sampling_size=[loader.samples],
@@ -198,8 +200,37 @@ class IncBackend(Backend):
             q.graph_def, source.inputs, source.outputs,
             _tensor_names(q.input_tensor_names, sorted(source.input_names), source.input_names),
             _tensor_names(q.output_tensor_names, sorted(source.output_names), source.output_names),
-            precision, self.options.thread_num,
+            INT8_BF16 if kept == "bf16" and config.fallback else precision, self.options.thread_num,
         )
+
+    def _bf16(self, prepared: _Prepared) -> IncCandidate:
+        """INC's mixed precision: MatMul/Conv and friends converted to BF16 (Cast pairs, oneDNN
+        BF16 kernels), the rest FP32; no calibration."""
+        from neural_compressor import mix_precision
+        from neural_compressor.config import MixedPrecisionConfig
+
+        logging.getLogger("neural_compressor").setLevel(logging.WARNING)
+        with contained_temp_files(os.path.join(prepared.workdir, f"inc_tmp_{os.getpid()}")):
+            q = mix_precision.fit(prepared.model_path, MixedPrecisionConfig())
+        if q is None:
+            raise RuntimeError("INC's mixed precision returned no model")
+        source = prepared.source
+        return IncCandidate(
+            q.graph_def, source.inputs, source.outputs,
+            _tensor_names(q.input_tensor_names, sorted(source.input_names), source.input_names),
+            _tensor_names(q.output_tensor_names, sorted(source.output_names), source.output_names),
+            "bf16", self.options.thread_num,
+        )
+
+    def bf16_fallback(self, config: TrialConfig | None = None) -> str | None:
+        from neural_compressor.utils.utility import CpuInfo
+
+        # INC converts to BF16 only where it sees native BF16 (or FORCE_BF16=1, its own override)
+        if not (CpuInfo().bf16 or os.getenv("FORCE_BF16") == "1"):
+            return "inc: Intel Neural Compressor sees no BF16 on this CPU (CpuInfo().bf16 is False)"
+        if config is not None and not config.fallback:  # INC's BF16 applies to fallback ops only
+            return "inc: INT8 kept no layer in FP32, nothing to run in BF16"
+        return None
 
     def diagnose(self, prepared: _Prepared, candidate: Candidate,
                  batches: Sequence[Sequence[np.ndarray]]) -> list[dict]:

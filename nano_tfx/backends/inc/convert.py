@@ -1,6 +1,7 @@
 """The signature as a frozen TF GraphDef, and tensor-name bookkeeping between it and INC."""
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from nano_tfx.interchange import SavedModelSource
@@ -68,3 +69,31 @@ def inc_node_names(graph_def, nodes) -> dict[str, str]:
                 continue
         out[name] = name
     return out
+
+
+def save_graph_def(graph_def, feeds: Sequence[str], fetches: Sequence[str], inputs, output_names: Sequence[str],
+                   directory: str) -> None:
+    """A frozen GraphDef as a TF2 SavedModel whose ``serving_default`` takes ``inputs``
+    (TensorInfo: name, shape, dtype) and returns ``{output_names[i]: fetches[i]}``."""
+    import tensorflow as tf
+
+    def _import():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+
+    wrapped = tf.compat.v1.wrap_function(_import, [])
+    pruned = wrapped.prune([wrapped.graph.get_tensor_by_name(n) for n in feeds],
+                           [wrapped.graph.get_tensor_by_name(n) for n in fetches])
+    specs = [tf.TensorSpec(t.shape, tf.as_dtype(t.dtype), name=t.name) for t in inputs]
+    names = list(output_names)
+    module = tf.Module()
+    module.graph_fn = pruned
+
+    @tf.function(input_signature=specs)
+    def serve(*args):
+        outs = module.graph_fn(*args)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        return {n: o for n, o in zip(names, outs)}
+
+    module.serve = serve
+    os.makedirs(directory, exist_ok=True)
+    tf.saved_model.save(module, directory, signatures={"serving_default": serve.get_concrete_function()})

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from nano_tfx.backends.base import (
+    FP32,
     AccuracyContext,
     Backend,
     CalibrationData,
@@ -200,7 +201,7 @@ class OnnxRuntimeBackend(Backend):
     def validate(self, precision: str, approach: str) -> None:
         super().validate(precision, approach)
         method = self.options.method
-        if method is None:
+        if method is None or precision == FP32:  # the FP32 rung: method is INT8's option
             return
         if method not in METHODS:
             raise ValueError(
@@ -500,6 +501,11 @@ class OnnxRuntimeBackend(Backend):
         return OrtCandidate(
             path, inputs, outputs, manifest.get("precision", "int8"), self.session_options(), cfg
         )
+
+    def bf16_fallback(self, config: TrialConfig | None = None) -> str | None:
+        # ONNX Runtime 1.23's CPU execution provider registers no bfloat16 kernel for MatMul, Gemm
+        # or Conv (BF16 there is CUDA/DNNL-EP only): a BF16 node would be a Cast-wrapped FP32 one.
+        return "onnxruntime: the CPU execution provider has no BF16 MatMul/Gemm/Conv kernels"
 
     def describe(self) -> dict:
         import onnxruntime as ort
