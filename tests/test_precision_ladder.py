@@ -135,7 +135,7 @@ def test_forced_without_bf16_the_ladder_ends_in_fp32(planted_mlp, digits, monkey
     skipped = [r for r in q.report.ladder if r["status"] == "skipped"]
     assert {r["rung"] for r in skipped} == {"int8+bf16", "bf16"}
     assert all(r["reason"] == "NANO_TFX_BF16=0" for r in skipped)
-    assert "FP32" in q.report.speed_summary() or "fp32" in q.report.speed_summary().lower()
+    assert q.report.speedup > 1.0  # the engine's FP32 beats TensorFlow's
 
 
 def test_int8_that_meets_with_fallback_layers_gets_a_bf16_fallback_rung(planted_mlp, digits):

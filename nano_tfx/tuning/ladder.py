@@ -17,7 +17,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from nano_tfx.backends.base import FALLBACK_PRECISION, FP32, INT8_BF16, TrialConfig, backend_class, trial_precision
+from nano_tfx.backends.base import (
+    FALLBACK_PRECISION, FP32, INT8_BF16, BackendOptions, TrialConfig, backend_class, trial_precision,
+)
 from nano_tfx.cpu import bf16_support
 from nano_tfx.progress import TrialHook
 from nano_tfx.report import Report
@@ -44,7 +46,7 @@ def _row(rung: str, backend: str, status: str, reason: str, **extra: Any) -> dic
             "latency_ms": None, "metric": None, **extra}
 
 
-def plan_ladder(backends: Sequence[str], options: Any, approach: str, calibrated: bool) -> LadderPlan:
+def plan_ladder(backends: Sequence[str], options: BackendOptions, approach: str, calibrated: bool) -> LadderPlan:
     """The ladder's jobs for the engines in scope: every INT8 job first (the goal), then BF16,
     then FP32; a rung the CPU or engine can't run is a skipped row with its reason."""
     plan = LadderPlan()
@@ -55,7 +57,7 @@ def plan_ladder(backends: Sequence[str], options: Any, approach: str, calibrated
         else:
             plan.skipped.append(_row("int8", name, "skipped", "static INT8 needs calibration data"))
     for name in backends:
-        engine = backend_class(name)()
+        engine = backend_class(name)(options)
         if not bf16:
             plan.skipped.append(_row(INT8_BF16, name, "skipped", why_cpu))
             plan.skipped.append(_row("bf16", name, "skipped", why_cpu))
@@ -82,7 +84,7 @@ def bf16_fallback_rungs(outcomes: Sequence[TuneOutcome], report: Report, budget:
         job = outcome.job
         if job.precision != "int8" or not bf16:
             continue
-        engine = backend_class(job.backend)()
+        engine = backend_class(job.backend)(job.options)
         if engine.bf16_fallback():
             continue  # already a skipped row of the plan
         winner = outcome.chosen
