@@ -50,7 +50,7 @@ def test_bf16_support_follows_the_cpu_and_can_be_forced(monkeypatch):
 
 @pytest.mark.parametrize("forced", [None, "0", "1"])
 def test_the_plan_runs_bf16_rungs_only_where_there_is_bf16(monkeypatch, forced):
-    from nano_tfx.backends.base import BackendOptions, backend_class
+    from nano_tfx.backends.base import BackendOptions
 
     if forced is None:
         monkeypatch.delenv("NANO_TFX_BF16", raising=False)

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from nano_tfx.criterion import AccuracyCriterion
-from nano_tfx.metric_states import PairedConfusion, PairedMean, normal_quantile, state_for
+from nano_tfx.metric_states import PairedConfusion, normal_quantile, state_for
 from nano_tfx.sequential import (
     SequentialDecision, SequentialRecord, allowed_difference, chunk_schedule, decide, hash_order,
     run_sequential, stable_hash,

@@ -23,7 +23,7 @@ from nano_tfx.backends.base import (
 from nano_tfx.cpu import bf16_support
 from nano_tfx.progress import TrialHook
 from nano_tfx.report import Report
-from nano_tfx.tuning.runner import TrialJob, TrialRunner
+from nano_tfx.tuning.runner import TrialRunner
 from nano_tfx.tuning.tuner import Budget, TuneOutcome, judge_speed, record_trial, reused_trial
 
 log = logging.getLogger("nano_tfx")
