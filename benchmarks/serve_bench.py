@@ -188,7 +188,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(models: dict, log_path: str, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(models: dict, log_path: str, threads: int | None, serve_args: tuple = ()) -> tuple[subprocess.Popen, str]:
     import requests
 
     port = _free_port()
@@ -197,6 +197,7 @@ def start_server(models: dict, log_path: str, threads: int | None) -> tuple[subp
            "--port", str(port)] + [a for n in names[1:] for a in ("--model", f"{n}={models[n]}")]
     if threads:
         cmd += ["--threads", str(threads)]
+    cmd += list(serve_args)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -455,7 +456,8 @@ def _in_process_job(job: str, examples_path: str) -> int:
     return 0
 
 
-def run_model(name: str, variants: list[str], plan: dict, tmp: str, threads: int | None, skip: set) -> dict:
+def run_model(name: str, variants: list[str], plan: dict, tmp: str, threads: int | None, skip: set,
+              serve_args: tuple = ()) -> dict:
     import requests
 
     root = os.path.join(tmp, name)
@@ -466,7 +468,7 @@ def run_model(name: str, variants: list[str], plan: dict, tmp: str, threads: int
         notes[f"{v}_failed"] = "skipped (--skip)"
     served = {f"{name}_{v}": d for v, d in dirs.items()}
     log(f"{name}: starting one server with {sorted(served)}")
-    proc, url = start_server(served, os.path.join(root, "server.log"), threads)
+    proc, url = start_server(served, os.path.join(root, "server.log"), threads, serve_args)
     rows, local = [], {}
     try:
         session = requests.Session()
@@ -595,6 +597,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="fp32 is always served")
     ap.add_argument("--quick", action="store_true", help="fewer requests (smoke run; noisier numbers)")
     ap.add_argument("--threads", type=int, default=None, help="engine threads (nano-tfx serve --threads)")
+    ap.add_argument("--serve-args", default="", help="more nano-tfx serve arguments, e.g. '--no-direct-infer'")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--skip", default="", help="MODEL:VARIANT pairs not to build, e.g. mobilenetv2:auto")
     ap.add_argument("--workdir", default=None,
@@ -616,7 +619,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="nano_tfx_serve_bench_") as tmp:
         work = args.workdir or tmp
         for name in [m for m in args.models.split(",") if m]:
-            results.append(run_model(name, variants, plan, work, args.threads, skip))
+            results.append(run_model(name, variants, plan, work, args.threads, skip, tuple(args.serve_args.split())))
     env["loadavg_end"] = os.getloadavg()
     doc = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "argv": sys.argv[1:], "mode": mode, "plan": plan, "env": env, "results": results,

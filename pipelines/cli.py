@@ -586,7 +586,7 @@ def cmd_serve(args) -> int:
             host=args.host, port=args.port, max_batch_size=args.max_batch_size,
             max_request_bytes=args.max_request_size, adaptive_batch_size=args.adaptive_batch_size,
             adaptive_batch_time=args.adaptive_batch_time, thread_num=args.threads, tf_threads=args.tf_threads,
-            extra_models={n: os.path.abspath(p) for n, p in args.model or []})
+            direct_infer=args.direct_infer, extra_models={n: os.path.abspath(p) for n, p in args.model or []})
         serve(os.path.abspath(args.model_dir), args.name, options)
     except ValueError as err:
         raise CliError(_one_line(err)) from err
@@ -615,6 +615,9 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--tf-threads", type=int, default=None,
                    help="TensorFlow intra-/inter-op threads for request parsing + tf.Transform (default 1: the "
                         "engine keeps the cores; raise it for big FP32 batches served by TensorFlow)")
+    s.add_argument("--no-direct-infer", dest="direct_infer", action="store_false",
+                   help="answer every infer request through MLServer's own route (its metrics and inference "
+                        "middlewares; ~0.3 ms more per request) instead of the direct one for plain V2 requests")
     s.add_argument("--model", action="append", type=_name_eq_dir, metavar="NAME=MODEL_DIR",
                    help="serve another model from the same server (repeatable)")
     s.set_defaults(func=cmd_serve)

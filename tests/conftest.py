@@ -1,5 +1,17 @@
 """Shared fixtures: small real models trained on scikit-learn's digits (8x8x1, 10 classes)."""
 import os
+import sys
+
+# NANO_TFX_TEST_CPU_SPEED=10 (or 0.1): run the suite as on a CPU 10x faster (slower); see
+# tests/cpu_speed_sim.py. Installed before anything imports a clock function.
+if os.environ.get("NANO_TFX_TEST_CPU_SPEED"):
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, _here)
+    import cpu_speed_sim
+
+    cpu_speed_sim.install(float(os.environ["NANO_TFX_TEST_CPU_SPEED"]))
+    _site = os.path.join(_here, "cpu_speed")  # subprocesses (CLI, pipelines, Beam workers) too
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_site, os.environ.get("PYTHONPATH")]))
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # before TensorFlow: INC's INT8 kernels need it
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

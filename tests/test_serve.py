@@ -522,3 +522,89 @@ def test_event_loop_and_inline_options():
         ServeOptions(event_loop="trio")
     with pytest.raises(ValueError, match="inline_max_rows"):
         ServeOptions(inline_max_rows=-1)
+
+
+def test_direct_route_answers_what_mlservers_route_would(monkeypatch):
+    """``DirectInfer`` (plain V2 requests straight to the runtime) against MLServer's own path for
+    the same request: the same JSON body, CloudEvents headers and request id; anything it does not
+    answer itself (other forms, unknown models) reaches the app with the body intact; errors
+    are MLServer's ``{"error": ...}`` with the runtime's status; gzip for clients that ask."""
+    import asyncio
+    import gzip
+
+    from mlserver.handlers.dataplane import DataPlane
+    from mlserver.settings import Settings
+    from mlserver.utils import extract_headers
+
+    from components.serving.server import DirectInfer, response_content
+
+    model = _runtime(monkeypatch, None, lambda arrays, timings: {"y": arrays["x"] * 2})
+    data_plane = DataPlane(Settings(), None)
+
+    class Registry:
+        async def get_model(self, name, version=None):
+            if name != "m":
+                raise KeyError(name)
+            return model
+
+    inner: list = []
+
+    async def app(scope, receive, send):  # MLServer's app stand-in: records what reached it
+        inner.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b"app"})
+
+    direct = DirectInfer(app, Registry(), data_plane, limit=4096)
+
+    def post(path, payload, gzip_ok=False):
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        scope = {"type": "http", "method": "POST", "path": path,
+                 "headers": [(b"accept-encoding", b"gzip")] if gzip_ok else []}
+        got: list = []
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            got.append(message)
+
+        asyncio.run(direct(scope, receive, send))
+        return got[0]["status"], {k.decode(): v.decode() for k, v in got[0]["headers"]}, got[1]["body"]
+
+    request = {"id": "r1", "inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1.0, 2.5, -3.0]}]}
+    status, headers, body = post("/v2/models/m/infer", request)
+    # MLServer's path for the same request: runtime.predict, the data plane's id and CloudEvents
+    # headers, the headers moved out of the body, the rendered content
+    from mlserver.types import InferenceRequest
+
+    want = asyncio.run(model.predict(InferenceRequest.parse_obj(request)))
+    want.id = "r1"
+    data_plane._inference_middleware.response_middleware(want, model.settings)
+    want_headers = extract_headers(want)
+    assert status == 200 and json.loads(body) == json.loads(json.dumps(response_content(want)))
+    assert {k: v for k, v in headers.items() if k.startswith("ce-")} == {
+        k.lower(): v for k, v in want_headers.items() if k.lower().startswith("ce-")}
+    stages = [e.split(";")[0] for e in headers["server-timing"].split(", ")]
+    assert stages == ["decode", "queue", "encode", "app"] and int(headers["content-length"]) == len(body)
+    assert not inner  # answered without MLServer's app
+
+    no_id = dict(request)
+    del no_id["id"]
+    assert len(json.loads(post("/v2/models/m/versions/v1/infer", no_id)[2])["id"]) >= 32  # a uuid, as MLServer's
+
+    status, headers, zipped = post("/v2/models/m/infer", dict(request, inputs=[dict(
+        request["inputs"][0], shape=[200], data=[0.5] * 200)]), gzip_ok=True)
+    assert status == 200 and headers["content-encoding"] == "gzip"
+    assert json.loads(gzip.decompress(zipped))["outputs"][0]["data"] == [1.0] * 200
+
+    status, headers, body = post("/v2/models/m/infer", dict(request, inputs=[dict(request["inputs"][0], name="z")]))
+    assert status == 400 and "inputs: expected ['x']" in json.loads(body)["error"]
+    assert [e.split(";")[0] for e in headers["server-timing"].split(", ")] == ["app"]
+
+    for other in (dict(request, parameters={"content_type": "np"}), {"inputs": []}, b"{not json"):
+        inner.clear()
+        assert post("/v2/models/m/infer", other)[0] == 299
+        assert inner == [other if isinstance(other, bytes) else json.dumps(other).encode()]
+    assert post("/v2/models/nope/infer", request)[0] == 299  # MLServer's 404
+    status, _, body = post("/v2/models/m/infer", b"x" * 5000)
+    assert status == 413 and b"max-request-size 4096" in body

@@ -33,6 +33,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
+from mlserver.codecs.numpy import _encode_data, to_datatype
+from mlserver.codecs.utils import inject_batch_dimension
 from mlserver.errors import MLServerError
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, Parameters
 
@@ -110,8 +112,16 @@ def _decode_bytes(name: str, data: list, content_type: Any) -> np.ndarray:
 
 
 def decode_input(request_input: Any, spec: Any, max_batch: int) -> np.ndarray:
-    """One V2 request input -> a numpy array of the model's dtype, checked against ``spec``."""
-    name, datatype, shape = request_input.name, request_input.datatype, list(request_input.shape)
+    """One V2 request input (MLServer's ``RequestInput``) -> a numpy array (``decode_values``)."""
+    return decode_values(request_input.name, request_input.datatype, list(request_input.shape),
+                         request_input.data.__root__, getattr(request_input.parameters, "content_type", None),
+                         spec, max_batch)
+
+
+def decode_values(name: str, datatype: str, shape: list, data: Any, content_type: Any, spec: Any,
+                  max_batch: int) -> np.ndarray:
+    """One V2 request input, as its fields -> a numpy array of the model's dtype, checked against
+    ``spec``. Shared by MLServer's route (pydantic objects) and the direct one (plain JSON)."""
     want = _v2_datatype(spec.dtype)
     if datatype != want:
         raise BadRequest(f"{name}: expected datatype {want}, got {datatype}")
@@ -119,13 +129,11 @@ def decode_input(request_input: Any, spec: Any, max_batch: int) -> np.ndarray:
         raise BadRequest(f"{name}: expected a non-empty batch (shape [N, ...] with N >= 1), got shape {shape}")
     if shape[0] > max_batch:
         raise BadRequest(f"{name}: batch of {shape[0]} exceeds the server's --max-batch-size {max_batch}", 413)
-    data = request_input.data.__root__
-    params = request_input.parameters
     if datatype == "BYTES":
         if len(shape) != 1:
             raise BadRequest(f"{name}: expected shape [N] (one serialized tf.Example per row), got {shape}")
         flat = data if isinstance(data, list) else [data]
-        array = _decode_bytes(name, flat, getattr(params, "content_type", None))
+        array = _decode_bytes(name, flat, content_type)
     else:
         try:
             array = np.asarray(data, dtype=V2_DTYPES[datatype]).reshape(-1)
@@ -163,12 +171,13 @@ class NanoTfxRuntime(MLModel):
         self.ready = True
         return self.ready
 
-    def _decode(self, payload: InferenceRequest) -> dict:
-        names = [i.name for i in payload.inputs]
+    def _decode(self, inputs: list) -> dict:
+        """``inputs``: (name, datatype, shape, data, content_type) per request input."""
+        names = [i[0] for i in inputs]
         expected = sorted(self._specs)
         if sorted(names) != expected:
             raise BadRequest(f"inputs: expected {expected}, got {names}")
-        arrays = {i.name: decode_input(i, self._specs[i.name], self._max_batch) for i in payload.inputs}
+        arrays = {i[0]: decode_values(*i, self._specs[i[0]], self._max_batch) for i in inputs}
         rows = {len(a) for a in arrays.values()}
         if len(rows) != 1:
             raise BadRequest(f"inputs: every input needs the same batch size, got {sorted(rows)}")
@@ -190,10 +199,10 @@ class NanoTfxRuntime(MLModel):
         finally:
             self._engine_lock.release()
 
-    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+    async def _run(self, inputs: list, timings: dict) -> dict:
+        """Decode, then transform + engine (inline or in the pool, see the module doc)."""
         t0 = perf_counter()
-        timings: dict = {}
-        arrays = self._decode(payload)
+        arrays = self._decode(inputs)
         t1 = perf_counter()
         timings[STAGE_DECODE] = (t1 - t0) * 1000.0
         rows = len(next(iter(arrays.values())))
@@ -208,6 +217,12 @@ class NanoTfxRuntime(MLModel):
                 outputs = await loop.run_in_executor(None, self._predict_locked, arrays, timings, t1)
         except RequestError as err:
             raise BadRequest(str(err)) from err
+        return outputs
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        timings: dict = {}
+        outputs = await self._run([(i.name, i.datatype, list(i.shape), i.data.__root__,
+                                    getattr(i.parameters, "content_type", None)) for i in payload.inputs], timings)
         t2 = perf_counter()
         response = InferenceResponse(
             model_name=self.name, model_version=self.version, id=payload.id,
@@ -217,3 +232,27 @@ class NanoTfxRuntime(MLModel):
         # MLServer turns parameters.headers into HTTP response headers (and drops them from the body)
         response.parameters = Parameters(headers={SERVER_TIMING: server_timing(timings)})
         return response
+
+    async def predict_plain(self, inputs: list, request_id: str) -> tuple[dict, dict]:
+        """``predict`` for the server's direct route (``server.DirectInfer``): the request's inputs
+        as (name, datatype, shape, data, content_type) from its JSON, the answer as the body MLServer
+        renders for ``predict``'s response (same keys, order and numbers) plus the ``Server-Timing``
+        stage split. No pydantic object either way (~0.1 ms a request)."""
+        timings: dict = {}
+        outputs = await self._run(inputs, timings)
+        t2 = perf_counter()
+        content: dict = {"model_name": self.name}
+        if self.version is not None:
+            content["model_version"] = self.version
+        content["id"] = request_id
+        content["parameters"] = {}  # what MLServer leaves of parameters once it took the headers out
+        content["outputs"] = [plain_output(name, np.ascontiguousarray(value)) for name, value in outputs.items()]
+        timings[STAGE_ENCODE] = (perf_counter() - t2) * 1000.0
+        return content, timings
+
+
+def plain_output(name: str, value: np.ndarray) -> dict:
+    """``NumpyCodec.encode_output(name, value)`` as the dict MLServer renders of it."""
+    datatype = to_datatype(value.dtype)
+    return {"name": name, "shape": inject_batch_dimension(list(value.shape)), "datatype": datatype,
+            "parameters": {"content_type": NumpyCodec.ContentType}, "data": _encode_data(value, datatype)}
