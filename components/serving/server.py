@@ -27,9 +27,11 @@ thread (see ``runtime`` for why and what it costs); MLServer runs in this proces
 Event loop: uvloop when it imports (``ServeOptions.event_loop='auto'``; MLServer depends on it
 and ``mlserver start`` installs it too, but a bare ``asyncio.run`` as before got the stdlib
 loop): ~0.05 ms less per request (HTTP + framework) in an interleaved A/B on the 2-core EPYC.
-HTTP parsing is uvicorn's ``http='auto'``: httptools if installed, else the pure-Python h11
-(the venv has no httptools today; with it, ~0.2 ms less per request was measured the same way,
-so installing ``httptools`` / ``uvicorn[standard]`` beside the server is worth it).
+HTTP parsing is uvicorn's ``http='auto'``: httptools (in the lock: ~0.2 ms less per request than
+the pure-Python h11 it falls back to).
+
+Plain V2 infer requests skip MLServer's FastAPI app altogether (``DirectInfer``: ~0.13 ms less of
+framework per request, the same answers); ``ServeOptions.direct_infer=False`` turns that off.
 """
 from __future__ import annotations
 
