@@ -130,7 +130,7 @@ def test_openvino_encoder_rewrite(encoder_source, tmp_path, monkeypatch):
 
     from nano_tfx.backends.base import BackendOptions, backend_class
     from nano_tfx.backends.openvino.coverage import count
-    from nano_tfx.backends.openvino.rewrite import rewrite_einsum
+    from nano_tfx.backends.openvino.rewrite import hoist_product_scale, rewrite_einsum
 
     import nano_tfx.backends.openvino.backend as ov_backend
 
@@ -144,6 +144,8 @@ def test_openvino_encoder_rewrite(encoder_source, tmp_path, monkeypatch):
     expected_einsums = {"keras3": 2, "tf_keras": 6}[flavor]
     assert _ov_counts(before)["Einsum"] == expected_einsums
     assert rewrite_einsum(after) == expected_einsums
+    # Keras 3 scales Q.K^T after the product (tf_keras scales the query before it)
+    assert hoist_product_scale(after) == {"keras3": 1, "tf_keras": 0}[flavor]
     counts = _ov_counts(after)
     assert counts["Einsum"] == 0 and counts["MatMul"] == 9
     assert after.output(0).get_names() == before.output(0).get_names()
@@ -160,9 +162,62 @@ def test_openvino_encoder_rewrite(encoder_source, tmp_path, monkeypatch):
     for tag, model in (("before", before), ("after", after)):
         q = nncf.quantize(model.clone(), calib, subset_size=3, fast_bias_correction=True)
         covered[tag] = count(core.compile_model(q, "CPU", cfg)).get("MatMul", [0, 0])[0]
-    # measured: Keras 3 7 -> 8 of 9 (the plugin keeps the Q.K^T product, fused with its scale,
-    # in FP32), tf_keras 3 -> 9 of 9
-    assert covered["after"] >= covered["before"] + (1 if flavor == "keras3" else 5), covered
+    # measured: Keras 3 7 -> 9 of 9, tf_keras 3 -> 9 of 9 (without the scale hoisted, Keras 3's
+    # Q.K^T product ran fused with its scale as an FP32 kernel: 8 of 9)
+    assert covered["after"] == 9 and covered["after"] >= covered["before"] + 2, covered
+
+
+def _product_then(scale_data, weight_b=False, second_consumer=False):
+    """a [2,4,8] x b [2,8,5] (or a constant b) -> MatMul -> Multiply(scale) -> Softmax."""
+    import openvino as ov
+    import openvino.runtime.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    a = ops.parameter(ov.PartialShape([-1, 4, 8]), ov.Type.f32, name="a")
+    params = [a]
+    if weight_b:
+        b = ops.constant(rng.standard_normal((8, 5)).astype(np.float32))
+    else:
+        b = ops.parameter(ov.PartialShape([-1, 8, 5]), ov.Type.f32, name="b")
+        params.append(b)
+    mm = ops.matmul(a, b, False, False)
+    mm.set_friendly_name("scores")
+    mul = ops.multiply(mm, ops.constant(np.asarray(scale_data, dtype=np.float32)))
+    mul.output(0).get_tensor().set_names({"scaled"})
+    results = [ops.result(ops.softmax(mul, -1))]
+    if second_consumer:
+        results.append(ops.result(ops.relu(mm)))
+    return ov.Model(results, params)
+
+
+@pytest.mark.parametrize("scale", [0.25, [[[0.25]]]], ids=["scalar", "size-1"])
+def test_openvino_scale_after_an_activation_product_moves_onto_its_input(scale):
+    import openvino as ov
+
+    from nano_tfx.backends.openvino.rewrite import hoist_product_scale
+
+    model = _product_then(scale)
+    rng = np.random.default_rng(1)
+    feeds = [rng.standard_normal((2, 4, 8)).astype(np.float32), rng.standard_normal((2, 8, 5)).astype(np.float32)]
+    core, cfg = ov.Core(), {"INFERENCE_PRECISION_HINT": "f32"}
+    ref = core.compile_model(model, "CPU", cfg)(feeds)[0]
+    assert hoist_product_scale(model) == 1
+    mm = next(op for op in model.get_ops() if op.get_type_name() == "MatMul")
+    assert mm.get_friendly_name() == "scores"
+    assert [v.get_node().get_type_name() for v in mm.input_values()] == ["Multiply", "Parameter"]
+    assert next(op for op in model.get_ops() if op.get_type_name() == "Softmax").input_value(0).get_node() is mm
+    assert "scaled" in mm.output(0).get_names()
+    np.testing.assert_allclose(core.compile_model(model, "CPU", cfg)(feeds)[0], ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["per-channel scale", "weight operand", "product used twice"])
+def test_openvino_scale_stays_where_moving_it_would_change_or_gain_nothing(case):
+    from nano_tfx.backends.openvino.rewrite import hoist_product_scale
+
+    model = _product_then(np.linspace(0.1, 0.5, 5) if case == "per-channel scale" else 0.25,
+                          weight_b=case == "weight operand", second_consumer=case == "product used twice")
+    before = _ov_counts(model)
+    assert hoist_product_scale(model) == 0 and _ov_counts(model) == before
 
 
 # --------------------------------------------------------------------------------------------

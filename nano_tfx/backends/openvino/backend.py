@@ -50,7 +50,7 @@ from nano_tfx.backends.openvino.convert import (
 )
 from nano_tfx.backends.openvino.core import _core, cpu_capabilities  # noqa: F401 - re-exported
 from nano_tfx.backends.openvino.diagnose import diagnose as _diagnose
-from nano_tfx.backends.openvino.rewrite import rewrite_einsum
+from nano_tfx.backends.openvino.rewrite import hoist_product_scale, rewrite_einsum
 from nano_tfx.interchange import SavedModelSource
 
 _LOG = logging.getLogger("nano_tfx.backends.openvino")
@@ -303,6 +303,7 @@ class OpenVINOBackend(Backend):
                     f"{source.signature_key!r}, and the ONNX route failed too: {exc}") from exc
         model = _rebuild_io(model, source)
         rewrite_einsum(model)  # Keras attention/EinsumDense: MatMuls NNCF can quantize (in place)
+        hoist_product_scale(model)  # Keras 3 attention: Q.K^T's scale off the product (see rewrite)
         _stable_names(model)
         out_dir = os.path.join(workdir, "openvino_fp32")
         os.makedirs(out_dir, exist_ok=True)

@@ -1,4 +1,5 @@
-"""``Einsum`` -> Transpose/Reshape/MatMul in the ``ov.Model`` NNCF quantizes.
+"""Graph rewrites of the ``ov.Model`` NNCF quantizes: ``Einsum`` -> Transpose/Reshape/MatMul, and
+a scalar scale after an activation x activation MatMul moved onto its input (``hoist_product_scale``).
 
 OpenVINO's TensorFlow frontend keeps a TF ``Einsum`` as an ``Einsum`` op, which NNCF 2.14 has no
 metatype for: it is never quantized (the CPU plugin lowers it to a MatMul only at compile time,
@@ -137,13 +138,7 @@ def _rewrite_one(node, ops) -> bool:
     if perm != list(range(len(perm))):
         result = ops.transpose(result, ops.constant(np.array(perm, dtype=int64))).output(0)
         result.get_node().set_friendly_name(f"{name}/out_transpose")
-    old = node.output(0)
-    names = set(old.get_names())
-    for target_input in list(old.get_target_inputs()):
-        target_input.replace_source_output(result)
-    if names:
-        old.get_tensor().set_names(set())
-        result.get_tensor().set_names(names)
+    _take_over(node.output(0), result)
     return True
 
 
@@ -164,4 +159,77 @@ def rewrite_einsum(model) -> int:
     if done:
         model.validate_nodes_and_infer_types()
         _LOG.info("openvino: rewrote %d Einsum op(s) into MatMul form", done)
+    return done
+
+
+# --------------------------------------------------------------------------------------------
+# scalar scale after an activation x activation MatMul
+# --------------------------------------------------------------------------------------------
+def _scalar_constant(output) -> float | None:
+    node = output.get_node()
+    if node.get_type_name() != "Constant":
+        return None
+    data = np.asarray(node.get_data())
+    return float(data.reshape(-1)[0]) if data.size == 1 and data.dtype.kind == "f" else None
+
+
+def _hoist_one(mm, ops) -> bool:
+    a, b = mm.input_values()
+    if _is_constant(a) or _is_constant(b):
+        return False  # a layer's kernel: NNCF already quantizes weights x activation
+    consumers = list(mm.output(0).get_target_inputs())
+    if len(consumers) != 1:
+        return False
+    mul = consumers[0].get_node()
+    if mul.get_type_name() != "Multiply":
+        return False
+    other = [v for v in mul.input_values() if v.get_node() is not mm]
+    scale = _scalar_constant(other[0]) if len(other) == 1 else None
+    if scale is None:
+        return False
+    attrs = mm.get_attributes()
+    factor = ops.constant(np.array(scale, dtype=np.float32))
+    scaled = ops.multiply(a, factor)
+    scaled.set_friendly_name(f"{mm.get_friendly_name()}/scaled_a")
+    new = ops.matmul(scaled, b, attrs.get("transpose_a", False), attrs.get("transpose_b", False))
+    new.set_friendly_name(mm.get_friendly_name())
+    _take_over(mul.output(0), new.output(0))
+    return True
+
+
+def _take_over(old, new) -> None:
+    """``new`` replaces ``old`` for every consumer and takes its tensor names."""
+    names = set(old.get_names())
+    for target_input in list(old.get_target_inputs()):
+        target_input.replace_source_output(new)
+    if names:
+        old.get_tensor().set_names(set())
+        new.get_tensor().set_names(names)
+
+
+def hoist_product_scale(model) -> int:
+    """``MatMul(a, b) * s`` -> ``MatMul(a * s, b)`` for a scalar constant ``s`` and two activation
+    operands (in place); returns how many were moved.
+
+    Why: Keras 3's attention reaches OpenVINO as ``Q·Kᵀ`` followed by the ``1/√d`` Multiply
+    (tf_keras scales the query first). NNCF places no quantizer between the two, and the CPU
+    plugin fuses the Multiply into the product, which then runs as an FP32 MatMul kernel whatever
+    quantizers sit on Q and K. With the scale on the first operand the product's inputs are
+    quantized as for tf_keras and the kernel runs in INT8. Same FP32 function (scaling commutes
+    with the product); only float round-off differs.
+    """
+    import openvino.runtime.opset13 as ops
+
+    done = 0
+    for node in list(model.get_ordered_ops()):
+        if node.get_type_name() != "MatMul":
+            continue
+        try:
+            if _hoist_one(node, ops):
+                done += 1
+        except Exception as exc:  # never fail a conversion over an optimization
+            _LOG.info("openvino: scale after MatMul %r not moved (%s)", node.get_friendly_name(), exc)
+    if done:
+        model.validate_nodes_and_infer_types()
+        _LOG.info("openvino: moved %d scalar scale(s) in front of activation x activation MatMuls", done)
     return done
