@@ -1,6 +1,6 @@
 """nano-tfx benchmark: TF FP32 vs every nano-tfx backend vs the raw engines, one run.
 
-    .venv/bin/python benchmarks/bench.py [--models mobilenetv2,resnet50,digits] [--quick] [--out DIR]
+    .venv/bin/python benchmarks/bench.py [--models mobilenetv2,resnet50,digits,bert_mini,...] [--quick] [--out DIR]
 
 Per model it builds (a row each; a build that raises becomes ``status="failed: why"``):
 
@@ -48,7 +48,13 @@ import nano_tfx  # noqa: E402  (first: sets TF_ENABLE_ONEDNN_OPTS before TensorF
 import numpy as np  # noqa: E402
 
 SCHEMA = "nano-tfx-bench/1"
-ALL_MODELS = ("mobilenetv2", "resnet50", "digits")
+ALL_MODELS = ("mobilenetv2", "resnet50", "digits", "bert_mini", "bert_base", "vit_small")
+DEFAULT_MODELS = ("mobilenetv2", "resnet50", "digits")
+#: transformer encoders (Keras 3 MultiHeadAttention, post-LN, GELU), random weights: (sequence,
+#: hidden, heads, FFN, blocks); a BERT's input is its embedded sequence (the token/position lookups
+#: are a Gather, no compute), a ViT's the 224x224 image (16x16 patches by a strided Conv2D)
+ENCODERS = {"bert_mini": (128, 256, 4, 1024, 4), "bert_base": (128, 768, 12, 3072, 12),
+            "vit_small": (196, 384, 6, 1536, 12)}
 CALIB_N = 100
 B32 = 32
 TARGET_MODEL = "mobilenetv2"
@@ -128,7 +134,50 @@ def build_case(name: str) -> ModelCase:
         return ModelCase(name, model, (8, 8, 1), x_tr[:CALIB_N].copy(), x_te, y_te, x_te[:1].copy(),
                          x_te[:B32].copy(),
                          f"trained 8 epochs on {len(x_tr)} load_digits images; held-out {len(x_te)}")
+    if name in ENCODERS:
+        seq, hidden, heads, ffn, blocks = ENCODERS[name]
+        vit = name.startswith("vit")
+        shape = (224, 224, 3) if vit else (seq, hidden)
+        model = _encoder(keras, shape, hidden, heads, ffn, blocks, vit)
+        calib = (rng.uniform(-1.0, 1.0, (CALIB_N,) + shape) if vit else rng.standard_normal((CALIB_N,) + shape))
+        calib = calib.astype(np.float32)
+        return ModelCase(name, model, shape, calib, calib, None, calib[:1].copy(), calib[:B32].copy(),
+                         f"Keras 3 encoder, random weights: {blocks} post-LN blocks, hidden {hidden}, {heads} heads, "
+                         f"FFN {ffn}, sequence {seq}" + (" (16x16 patches of a 224x224 image)" if vit else
+                                                         " (input: the embedded sequence)"))
     raise ValueError(f"--models: unknown model {name!r}; expected {list(ALL_MODELS)}")
+
+
+def _positions(keras, seq: int, hidden: int):
+    """A learned position embedding added to ``x`` (a weight, not a constant input: tf2onnx turns
+    the ``Embedding(arange)`` form into a graph input the raw ONNX Runtime rows cannot feed)."""
+    class Positions(keras.layers.Layer):
+        def build(self, input_shape):
+            self.table = self.add_weight(shape=(seq, hidden), initializer="random_normal", name="table")
+
+        def call(self, x):
+            return x + self.table
+
+    return Positions(name="positions")
+
+
+def _encoder(keras, shape: tuple, hidden: int, heads: int, ffn: int, blocks: int, vit: bool):
+    """A BERT/ViT-shaped encoder: [patch embedding +] position embedding, ``blocks`` x (MHA, add &
+    LayerNorm, Dense-GELU-Dense, add & LayerNorm), then the first token (BERT) or the mean (ViT)
+    into a classifier."""
+    L = keras.layers
+    inp = keras.Input(shape, name="input")
+    x = inp
+    if vit:
+        x = L.Reshape((-1, hidden))(L.Conv2D(hidden, 16, strides=16, name="patches")(x))
+    x = _positions(keras, x.shape[1], hidden)(x)
+    for i in range(blocks):
+        a = L.MultiHeadAttention(heads, hidden // heads, name=f"block{i}_mha")(x, x)
+        x = L.LayerNormalization(epsilon=1e-12, name=f"block{i}_ln1")(x + a)
+        f = L.Dense(hidden, name=f"block{i}_ffn2")(L.Dense(ffn, activation="gelu", name=f"block{i}_ffn1")(x))
+        x = L.LayerNormalization(epsilon=1e-12, name=f"block{i}_ln2")(x + f)
+    pooled = L.GlobalAveragePooling1D()(x) if vit else L.Lambda(lambda t: t[:, 0, :], name="first_token")(x)
+    return keras.Model(inp, L.Dense(1000 if vit else 2, activation="softmax", name="probs")(pooled))
 
 
 def _recalibrate_batchnorm(model, x: np.ndarray) -> int:
@@ -858,8 +907,8 @@ def _loadavg() -> list[float] | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=",".join(ALL_MODELS),
-                    help="comma-separated subset of " + ",".join(ALL_MODELS))
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                    help="comma-separated subset of " + ",".join(ALL_MODELS) + " (default: the CNNs)")
     ap.add_argument("--quick", action="store_true", help="fewer timing rounds/repeats (smoke runs)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"), help="output directory")
     args = ap.parse_args(argv)
