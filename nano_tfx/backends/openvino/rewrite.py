@@ -145,20 +145,26 @@ def _rewrite_one(node, ops) -> bool:
 def rewrite_einsum(model) -> int:
     """Rewrite every convertible ``Einsum`` of ``model`` (an ``ov.Model``, in place) into
     Transpose/Reshape/MatMul; returns how many were rewritten."""
+    return _each(model, "Einsum", _rewrite_one, "rewrote %d Einsum op(s) into MatMul form")
+
+
+def _each(model, type_name: str, rewrite, done_message: str) -> int:
+    """``rewrite(node, ops)`` on every ``type_name`` op of ``model``; how many it changed. A
+    rewrite that raises leaves its op as it was: never fail a conversion over an optimization."""
     import openvino.runtime.opset13 as ops
 
     done = 0
     for node in list(model.get_ordered_ops()):
-        if node.get_type_name() != "Einsum":
+        if node.get_type_name() != type_name:
             continue
         try:
-            if _rewrite_one(node, ops):
+            if rewrite(node, ops):
                 done += 1
-        except Exception as exc:  # never fail a conversion over an optimization
-            _LOG.info("openvino: Einsum %r not rewritten (%s)", node.get_friendly_name(), exc)
+        except Exception as exc:  # noqa: BLE001
+            _LOG.info("openvino: %s %r left as it was (%s)", type_name, node.get_friendly_name(), exc)
     if done:
         model.validate_nodes_and_infer_types()
-        _LOG.info("openvino: rewrote %d Einsum op(s) into MatMul form", done)
+        _LOG.info("openvino: " + done_message, done)
     return done
 
 
@@ -218,18 +224,4 @@ def hoist_product_scale(model) -> int:
     quantized as for tf_keras and the kernel runs in INT8. Same FP32 function (scaling commutes
     with the product); only float round-off differs.
     """
-    import openvino.runtime.opset13 as ops
-
-    done = 0
-    for node in list(model.get_ordered_ops()):
-        if node.get_type_name() != "MatMul":
-            continue
-        try:
-            if _hoist_one(node, ops):
-                done += 1
-        except Exception as exc:  # never fail a conversion over an optimization
-            _LOG.info("openvino: scale after MatMul %r not moved (%s)", node.get_friendly_name(), exc)
-    if done:
-        model.validate_nodes_and_infer_types()
-        _LOG.info("openvino: moved %d scalar scale(s) in front of activation x activation MatMuls", done)
-    return done
+    return _each(model, "MatMul", _hoist_one, "moved %d scalar scale(s) in front of activation x activation MatMuls")
