@@ -371,11 +371,17 @@ def raw_onnxruntime(case: ModelCase, tmp: str, holder: dict) -> tuple[Callable, 
 
         src = convert()
         pre = os.path.join(tmp, "raw_fp32_pre.onnx")
+        cwd = os.getcwd()
         try:
+            # an incomplete symbolic shape inference (encoders) dumps sym_shape_infer_temp.onnx
+            # and uuid-named data files into the current directory: ours, not the caller's
+            os.chdir(tmp)
             quant_pre_process(src, pre)
         except Exception as err:  # the documented step is optional
             v.notes = f"quant_pre_process failed ({type(err).__name__}); quantized the raw export"
             pre = src
+        finally:
+            os.chdir(cwd)
         out = os.path.join(tmp, "raw_int8.onnx")
         quantize_static(pre, out, _OrtReader("input", case.calib), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

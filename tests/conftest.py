@@ -103,3 +103,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if os.path.basename(str(item.fspath)) in E2E_MODULES:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_working_directory_alone():
+    """Nothing a test runs may drop files into the caller's working directory (ONNX Runtime's
+    symbolic shape inference did: ``sym_shape_infer_temp.onnx`` + a uuid-named data file)."""
+    cwd = os.getcwd()
+    before = set(os.listdir(cwd))
+    yield
+    new = set(os.listdir(cwd)) - before
+    assert not new, f"the test left {sorted(new)} in the working directory {cwd}"
