@@ -9,9 +9,9 @@ if os.environ.get("NANO_TFX_TEST_CPU_SPEED"):
     sys.path.insert(0, _here)
     import cpu_speed_sim
 
-    cpu_speed_sim.install(float(os.environ["NANO_TFX_TEST_CPU_SPEED"]))
-    _site = os.path.join(_here, "cpu_speed")  # subprocesses (CLI, pipelines, Beam workers) too
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_site, os.environ.get("PYTHONPATH")]))
+    _factor = float(os.environ["NANO_TFX_TEST_CPU_SPEED"])
+    cpu_speed_sim.install(_factor)
+    os.environ.update(cpu_speed_sim.subprocess_env(_factor))  # subprocesses (CLI, pipelines, Beam workers) too
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # before TensorFlow: INC's INT8 kernels need it
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

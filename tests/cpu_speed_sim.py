@@ -14,7 +14,11 @@ on ``PYTHONPATH`` so subprocesses (CLI, pipelines, Beam workers) see the same cl
 """
 from __future__ import annotations
 
+import os
 import time
+
+#: the directory whose ``sitecustomize`` installs the scaled clock in a subprocess
+SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_speed")
 
 _installed: float | None = None
 
@@ -43,3 +47,12 @@ def install(factor: float) -> None:
 def factor() -> float | None:
     """The simulated speed factor of this process (None: the real CPU)."""
     return _installed
+
+
+def subprocess_env(factor: float, base: dict | None = None) -> dict:
+    """``base`` (default ``os.environ``) with the factor set and ``SITE_DIR`` first on
+    ``PYTHONPATH``: a Python subprocess started with it runs on the scaled clock too."""
+    env = dict(os.environ if base is None else base)
+    env["NANO_TFX_TEST_CPU_SPEED"] = str(factor)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SITE_DIR, env.get("PYTHONPATH")]))
+    return env

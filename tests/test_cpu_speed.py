@@ -27,9 +27,10 @@ TIME_DECIDED = [
 
 
 def _python(code: str, factor: float) -> str:
-    env = dict(os.environ, NANO_TFX_TEST_CPU_SPEED=str(factor),
-               PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(HERE, "cpu_speed"), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    from cpu_speed_sim import subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(factor), capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -111,13 +111,6 @@ def _decode_bytes(name: str, data: list, content_type: Any) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
-def decode_input(request_input: Any, spec: Any, max_batch: int) -> np.ndarray:
-    """One V2 request input (MLServer's ``RequestInput``) -> a numpy array (``decode_values``)."""
-    return decode_values(request_input.name, request_input.datatype, list(request_input.shape),
-                         request_input.data.__root__, getattr(request_input.parameters, "content_type", None),
-                         spec, max_batch)
-
-
 def decode_values(name: str, datatype: str, shape: list, data: Any, content_type: Any, spec: Any,
                   max_batch: int) -> np.ndarray:
     """One V2 request input, as its fields -> a numpy array of the model's dtype, checked against

@@ -45,7 +45,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from components.serving.runtime import DEFAULT_INLINE_MAX_ROWS, DEFAULT_MAX_BATCH
+import orjson
+from mlserver.cloudevents import CloudEventsTypes
+from mlserver.errors import MLServerError
+from mlserver.rest.responses import Response
+from mlserver.utils import generate_uuid
+
+# (runtime imports MLServer anyway: these cost nothing more at import, and nothing per request)
+from components.serving.runtime import (
+    DEFAULT_INLINE_MAX_ROWS, DEFAULT_MAX_BATCH, SERVER_TIMING, NanoTfxRuntime, server_timing,
+)
 
 STAGE_APP = "app"  # Server-Timing entry of RequestTimer (the whole app, stages included)
 
@@ -201,9 +210,7 @@ def fast_infer_routes(data_plane) -> list:
     (orjson) ``Response`` from the response object's fields, unset/None fields left out as
     MLServer's routes do.
     """
-    import orjson
     from fastapi.exceptions import RequestValidationError
-    from mlserver.rest.responses import Response
     from mlserver.types import InferenceRequest
     from mlserver.utils import extract_headers, insert_headers
     from pydantic import ValidationError
@@ -298,7 +305,7 @@ class DirectInfer:
 
     def __init__(self, app, registry, data_plane, limit: int):
         self.app, self.registry, self.limit = app, registry, limit
-        self.events = data_plane._inference_middleware  # the CloudEvents response headers
+        self.events = data_plane._inference_middleware._middlewares[0]  # MLServer's CloudEvents middleware
 
     async def __call__(self, scope, receive, send):
         match = None
@@ -310,12 +317,10 @@ class DirectInfer:
         body, size = await read_body(receive, self.limit, scope)
         if body is None:
             return await reject_oversize(send, size, self.limit)
-        model = await self._model(body, match)
-        if model is None:
+        plain = await self._plain_request(body, match)
+        if plain is None:
             return await self.app(scope, _replay(body, receive), send)
-        model, inputs, request_id = model
-        from mlserver.errors import MLServerError
-
+        model, inputs, request_id = plain
         try:
             content, timings = await model.predict_plain(inputs, request_id)
             status, headers = 200, self._event_headers(model, request_id)
@@ -323,12 +328,8 @@ class DirectInfer:
             content, timings, status, headers = {"error": str(err)}, {}, err.status_code, {}
         await self._answer(send, status, content, headers, timings, started, _accepts_gzip(scope))
 
-    async def _model(self, body: bytes, match):
-        import orjson
-        from mlserver.utils import generate_uuid
-
-        from components.serving.runtime import NanoTfxRuntime
-
+    async def _plain_request(self, body: bytes, match):
+        """(model, inputs, request id) when this route answers the request, else None."""
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -345,18 +346,11 @@ class DirectInfer:
         return model, inputs, obj.get("id") or generate_uuid()
 
     def _event_headers(self, model, request_id: str) -> dict:
-        from mlserver.cloudevents import CloudEventsTypes
-
-        events = self.events._middlewares[0]
-        return events._get_headers(CloudEventsTypes.Response, model.settings, request_id)
+        return self.events._get_headers(CloudEventsTypes.Response, model.settings, request_id)
 
     @staticmethod
     async def _answer(send, status: int, content: dict, headers: dict, timings: dict, started: float,
                       gzip_ok: bool) -> None:
-        from mlserver.rest.responses import Response
-
-        from components.serving.runtime import SERVER_TIMING, server_timing
-
         body = Response(content=content).body
         raw = [(b"content-type", b"application/json")]
         if gzip_ok and len(body) >= GZIP_MIN_SIZE:  # as the app's GZipMiddleware would
