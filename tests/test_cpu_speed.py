@@ -46,8 +46,9 @@ def test_the_simulated_clock_scales_durations_and_sleeps(factor):
         "t = time.perf_counter(); time.sleep(0.05); slept = time.perf_counter() - t\n"
         "print(busy, mono, slept)\n", factor)
     busy, mono, slept = map(float, out.split())
-    assert busy == pytest.approx(0.2 / factor, rel=0.25) and mono == pytest.approx(0.2 / factor, rel=0.25)
-    assert 0.05 <= slept < 0.05 * 3
+    # loose bounds (a descheduled process only runs late); the two factors are 100x apart
+    assert busy == pytest.approx(0.2 / factor, rel=0.5) and mono == pytest.approx(0.2 / factor, rel=0.5)
+    assert 0.05 <= slept < 0.05 * 5
 
 
 @pytest.mark.parametrize("factor", [10.0, 0.1], ids=["10x-faster", "10x-slower"])
