@@ -171,7 +171,7 @@ def build_variants(name: str, root: str, variants: list[str]) -> tuple[dict, lis
                 dirs[variant] = done
             else:
                 dirs[variant] = serve_models.write_layout(fp32, transform, calib, accelerator,
-                                                          os.path.join(root, variant))
+                                                          os.path.join(root, variant), raw_examples=calib_examples)
             with open(os.path.join(dirs[variant], "nano_tfx.json")) as f:
                 notes[f"{variant}_engine"] = json.load(f).get("backend")
             log(f"{name}/{variant}: quantized + layout written in {time.time() - started:.0f}s")

@@ -23,7 +23,7 @@ from nano_tfx.metrics import check_metric_value, make_evaluator
 from nano_tfx.progress import ProgressLine, TrialHook, as_hooks
 from nano_tfx.report import Report
 from nano_tfx.result import QuantizedModel
-from nano_tfx.speed import DEFAULT_BUDGET_S, check_min_speedup, engine_fp32_variant, side_by_side
+from nano_tfx.speed import CallPath, DEFAULT_BUDGET_S, check_min_speedup, engine_fp32_variant, side_by_side
 from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialRunner, engine_fp32, job_diagnoser
 from nano_tfx.tuning.ladder import RUNGS, LadderPlan, bf16_fallback_rungs, ladder_rows, plan_ladder
 from nano_tfx.tuning.paired_eval import EVALUATIONS, PairedEvaluation
@@ -233,6 +233,7 @@ def quantize(
     on_trial_end: TrialHook | Sequence[TrialHook] | None = None,
     trial_evaluation: str = "full",
     confidence: float = 0.99,
+    call_path: CallPath | None = None,
 ) -> QuantizedModel:
     """Quantize a Keras model (Keras 3 or tf_keras) or a SavedModel directory.
 
@@ -273,6 +274,14 @@ def quantize(
     no trial starts whose expected duration (from this backend's earlier trials in the call, or
     its preparation time) would end past the deadline (see ``nano_tfx.tuning.tuner``).
 
+    ``call_path`` (default None: the returned model's own call) is how the deployed model will be
+    called: a function taking a finalist (a ``QuantizedModel``: ``.inputs``, ``.run``) and returning
+    the call to time instead, given the same inputs (it may use only their batch size), e.g. a
+    server's parse + tf.Transform on raw tf.Examples before the engine (the TFX ``Quantizer`` passes
+    one when it gets ``raw_examples``). When several finalists are left (``accelerator='auto'``,
+    ``precision='auto'``), they are timed again through it and the fastest *served* one is chosen
+    (``report.served_latency_ms``); ``report.speedup`` stays the model-only ratio.
+
     Progress: ``verbose=1`` writes one line per trial to stdout (backend, config, metric, speed,
     seconds); ``on_trial_end`` takes your own hook(s), called with each trial's ``TrialRecord``
     as soon as it is judged.
@@ -288,6 +297,8 @@ def quantize(
         timeout=timeout, batch=batch, sample_size=sample_size, method=method, thread_num=thread_num,
         onnxruntime_session_options=onnxruntime_session_options, openvino_config=openvino_config,
         min_speedup=min_speedup, trial_evaluation=trial_evaluation, confidence=confidence)
+    if call_path is not None and not callable(call_path):
+        raise ValueError(f"call_path: expected a function model -> run (or None), got {type(call_path).__name__}")
     if conf is not None:
         raise ValueError("conf: INC yaml/config objects are not used; pass the tuning arguments directly")
     if calib_dataset is None and x is None:
@@ -304,7 +315,7 @@ def quantize(
     try:
         return _quantize(model, request, plan, calib_dataset if calib_dataset is not None else x, y,
                          evaluator, eval_dataset, inputs, outputs, input_spec, signature_name, baseline,
-                         trial_runner, previous_report, workdir, own_workdir, logging, hooks)
+                         trial_runner, previous_report, workdir, own_workdir, logging, hooks, call_path)
     except BaseException as err:
         # A missed bar hands back its best model, whose trial files live in ``workdir``: that
         # model owns the folder now (removed when it is garbage-collected), so keep it.
@@ -315,7 +326,8 @@ def quantize(
 
 
 def _quantize(model, request, plan, data, y, evaluator, eval_dataset, inputs, outputs, input_spec,
-              signature_name, baseline, trial_runner, previous_report, workdir, own_workdir, logging, hooks):
+              signature_name, baseline, trial_runner, previous_report, workdir, own_workdir, logging, hooks,
+              call_path=None):
     started = time.perf_counter()
     source = _select_outputs(to_saved_model(model, workdir, input_spec, signature_name, inputs), outputs)
     calib = None
@@ -391,7 +403,7 @@ def _quantize(model, request, plan, data, y, evaluator, eval_dataset, inputs, ou
     finalists = [o for o in outcomes if o.chosen is not None and o.candidate is not None]
     fallback = None if finalists else _best_of(outcomes, request.criterion)
     chosen_outcome = _fastest(finalists, fallback, report, reference, timing_inputs, request.batch or 32,
-                              _timing_budget_s(budget))
+                              _timing_budget_s(budget), call_path)
     if ladder:
         report.ladder = ladder_rows(report, outcomes, chosen_outcome, plan.skipped + ladder_extra)
     if chosen_outcome is not None and paired is not None and not _confirm_on_full_split(
@@ -509,13 +521,18 @@ def _timing_budget_s(budget: Budget) -> float:
 
 
 def _fastest(finalists: list, fallback: Any, report: Report, reference: QuantizedModel,
-             inputs: list | None, batch: int, budget_s: float = DEFAULT_BUDGET_S) -> Any:
+             inputs: list | None, batch: int, budget_s: float = DEFAULT_BUDGET_S,
+             call_path: CallPath | None = None) -> Any:
     """Time FP32 and the finalists (or, none passing, the model returned anyway) side by side;
     the fastest finalist is chosen (``accelerator='auto'``) and ``report`` gets the speed.
 
     Each trial timed itself right after it was built, minutes apart and under whatever load the
     machine had then, so the comparison that decides is made here, in one process through the
-    returned model's call path (``nano_tfx.speed``).
+    returned model's call path (``nano_tfx.speed``). With a ``call_path`` (how the deployed model
+    is called) and several finalists, the finalists are timed again through it, and that decides:
+    engines that are this close model-only can swap places once other work runs between their
+    calls (measured: OpenVINO's threads go idle through a server's tf.Transform, ONNX Runtime's
+    do not, and the model-only order flipped when served).
     """
     timed = finalists or ([fallback] if fallback is not None else [])
     if inputs is None or not timed:
@@ -524,22 +541,39 @@ def _fastest(finalists: list, fallback: Any, report: Report, reference: Quantize
     def index(o):
         return o.chosen_index if o.chosen is not None else o.best_index
 
+    served = call_path is not None and len(finalists) > 1
     runs = {"fp32": reference.run}
     runs.update({f"trial {index(o)}": QuantizedModel(o.candidate, reference).run for o in timed})
     runs.update(_engine_fp32_runs(timed, reference))
-    speed = side_by_side(runs, inputs, batch=batch, budget_s=budget_s)
+    speed = side_by_side(runs, inputs, batch=batch, budget_s=budget_s / 2 if served else budget_s)
     report.side_by_side = speed.to_dict()
     report.fp32_latency_ms = speed.b1_ms["fp32"]
     if len(finalists) > 1:
         report.selection_latency_ms = {o.chosen_index: speed.b1_ms[f"trial {o.chosen_index}"]
                                        for o in finalists}
-    pick = _pick(timed, {index(o): speed.b1_ms[f"trial {index(o)}"] for o in timed})
+    deciding = {index(o): speed.b1_ms[f"trial {index(o)}"] for o in timed}
+    if served:
+        deciding = _served_ms(finalists, reference, call_path, inputs, budget_s / 2)
+        report.served_latency_ms = deciding
+    pick = _pick(timed, deciding)
     report.speedup = speed.speedup("fp32", f"trial {index(pick)}")
     report.result_backend = pick.job.backend
     engine = engine_fp32_variant(pick.job.backend)
     report.engine_fp32_latency_ms = speed.b1_ms.get(engine)
     report.int8_gain = speed.speedup(engine, f"trial {index(pick)}")
     return pick if finalists else None
+
+
+def _served_ms(finalists: list, reference: QuantizedModel, call_path: CallPath, inputs: list,
+               budget_s: float) -> dict[int, float]:
+    """{trial index: batch-1 ms} of the finalists timed side by side through ``call_path``."""
+    runs = {o.chosen_index: call_path(QuantizedModel(o.candidate, reference)) for o in finalists}
+    for index, run in runs.items():
+        if not callable(run):
+            raise ValueError(f"call_path: expected it to return a callable for trial {index}, got "
+                             f"{type(run).__name__}")
+    speed = side_by_side({f"trial {i}": run for i, run in runs.items()}, inputs, budget_s=budget_s)
+    return {i: speed.b1_ms[f"trial {i}"] for i in runs}
 
 
 #: finalists this close to the fastest (side-by-side repeat noise on small models) count as tied

@@ -86,6 +86,9 @@ class Report:
     stop_reason: str | None = None
     # accelerator='auto': {trial index: batch-1 ms} of the finalists, re-timed side by side
     selection_latency_ms: dict | None = None
+    # quantize(call_path=...): {trial index: batch-1 ms} of the finalists through the served call
+    # path (what chose among them then)
+    served_latency_ms: dict | None = None
     # per-layer diagnosis of the fully quantized model, worst first (nano_tfx.diagnosis rows
     # plus "backend"); filled when the default strategy needed it, or by QuantizedModel.diagnose
     layers: list[dict] = field(default_factory=list)
@@ -168,8 +171,9 @@ class Report:
     def from_dict(data: Mapping[str, Any]) -> "Report":
         data = dict(data)
         trials = [TrialRecord.from_dict(t) for t in data.pop("trials", [])]
-        if data.get("selection_latency_ms"):  # JSON turned the trial indices into strings
-            data["selection_latency_ms"] = {int(k): v for k, v in data["selection_latency_ms"].items()}
+        for key in ("selection_latency_ms", "served_latency_ms"):  # JSON turned trial indices into strings
+            if data.get(key):
+                data[key] = {int(k): v for k, v in data[key].items()}
         known = {f for f in Report.__dataclass_fields__}
         return Report(trials=trials, **{k: v for k, v in data.items() if k in known})
 

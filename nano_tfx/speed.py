@@ -30,6 +30,9 @@ from nano_tfx.timing import rows
 log = logging.getLogger("nano_tfx")
 
 Run = Callable[[Sequence[np.ndarray]], object]
+#: how a deployed model is called: a finalist (``QuantizedModel``) -> the call to time
+#: (``nano_tfx.quantize(call_path=)``)
+CallPath = Callable[[Any], Run]
 
 DEFAULT_BUDGET_S = 3.0
 MIN_ROUNDS = 3

@@ -145,6 +145,7 @@ def build_pipeline(
             evaluation=evaluator.outputs["evaluation"],
             model_blessing=evaluator.outputs["blessing"],
             previous_report=previous_report,
+            raw_examples=example_gen.outputs["examples"],  # auto: finalists timed as served
             label_key=transformed_label_key,
             batch_size=quantizer_batch_size,
             **quantizer_params,

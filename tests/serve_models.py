@@ -199,15 +199,22 @@ def transformed_inputs(fp32_dir: str, transform_dir: str, examples: list[bytes])
 
 
 def write_layout(fp32_dir: str, transform_dir: str, calib: dict, accelerator: Optional[str], out: str,
-                 save_to: Optional[str] = None) -> str:
-    """Quantize (one default trial) and write the Quantizer's ``Format-Serving/``; return its path."""
+                 save_to: Optional[str] = None, raw_examples: Optional[list] = None) -> str:
+    """Quantize (one default trial) and write the Quantizer's ``Format-Serving/``; return its path.
+    ``raw_examples``: 'auto' chooses among the engines through the served call path on them, as the
+    Quantizer does when it gets ``raw_examples``."""
     from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor
     from tfx.types import standard_artifacts
 
+    from components.quantizer import serving
     from components.quantizer.executor import Executor
+    from components.quantizer.served_timing import served_call_path
 
+    call_path = None
+    if raw_examples and accelerator == "auto":
+        call_path = served_call_path(transform_dir, serving.raw_parse_keys(fp32_dir), raw_examples)
     quantized = nano_tfx.quantize(fp32_dir, accelerator=accelerator, calib_dataset=calib,
-                                  signature_name="from_transformed_features", sample_size=100)
+                                  signature_name="from_transformed_features", sample_size=100, call_path=call_path)
     artifact = standard_artifacts.Model()
     artifact.uri = os.path.join(out, "quantized_model")
     ctx = BaseBeamExecutor.Context(beam_pipeline_args=[], tmp_dir=os.path.join(out, "tmp"), unique_id="1")

@@ -64,7 +64,40 @@ def test_auto_returns_the_fastest_meeting_result_with_a_full_table(keras3_cnn, d
     assert "| backend |" in report.table()
 
 
+def test_auto_chooses_through_the_call_path_it_is_given(keras3_cnn, digits):
+    """``call_path`` (how the deployed model is called, e.g. a server's parse + tf.Transform
+    first) decides among finalists: here it adds 20 ms to every OpenVINO call, so OpenVINO —
+    whatever its model-only time — must lose, and the served times are reported."""
+    import time
+
+    _, (xte, yte) = digits
+    wrapped = []
+
+    def call_path(model):
+        wrapped.append(model.backend)
+        run = model.run
+
+        def served(x):
+            if model.backend == "openvino":
+                time.sleep(0.02)
+            return run(x)
+        return served
+
+    q = nano_tfx.quantize(keras3_cnn, accelerator="auto", calib_dataset=(xte, yte), metric="accuracy",
+                          accuracy_criterion={"absolute": 0.05, "higher_is_better": True}, max_trials=3,
+                          call_path=call_path)
+    report = q.report
+    served, model_only = report.served_latency_ms, report.selection_latency_ms
+    assert set(served) == set(model_only) and len(served) >= 2
+    assert "openvino" in wrapped and sorted(wrapped) == sorted(report.trials[i].backend for i in served)
+    assert q.backend != "openvino" and report.chosen == min(served, key=served.get)
+    ov = [i for i in served if report.trials[i].backend == "openvino"]
+    assert ov and served[ov[0]] > 20.0 > model_only[ov[0]]
+    assert nano_tfx.Report.from_dict(report.to_dict()).served_latency_ms == served
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    (dict(call_path="serve"), "call_path"),
     (dict(accelerator="onnxruntime", precision="bf16"), "precision"),
     (dict(accelerator="openvino", approach="dynamic"), "approach"),
     (dict(accelerator="openvino", method="qlinear"), "method"),

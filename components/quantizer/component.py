@@ -19,7 +19,7 @@ from components.quantizer import executor
 from components.quantizer.artifacts import QuantizationReport
 from components.quantizer.keys import (
     BLESSING_KEY, EVALUATION_KEY, EXAMPLES_KEY, MODEL_BLESSING_KEY, MODEL_KEY, PREVIOUS_REPORT_KEY,
-    QUANTIZED_MODEL_KEY, REPORT_KEY, TRANSFORM_GRAPH_KEY,
+    QUANTIZED_MODEL_KEY, RAW_EXAMPLES_KEY, REPORT_KEY, TRANSFORM_GRAPH_KEY,
 )
 from components.quantizer.signatures import FROM_TRANSFORMED_FEATURES
 from components.quantizer.validation import DEFAULT_MIN_SPEEDUP, validate_parameters
@@ -57,6 +57,7 @@ class QuantizerSpec(ComponentSpec):
         EVALUATION_KEY: ChannelParameter(type=standard_artifacts.ModelEvaluation, optional=True),
         MODEL_BLESSING_KEY: ChannelParameter(type=standard_artifacts.ModelBlessing, optional=True),
         PREVIOUS_REPORT_KEY: ChannelParameter(type=QuantizationReport, optional=True),
+        RAW_EXAMPLES_KEY: ChannelParameter(type=standard_artifacts.Examples, optional=True),
     }
     OUTPUTS = {
         QUANTIZED_MODEL_KEY: ChannelParameter(type=standard_artifacts.Model),
@@ -80,6 +81,10 @@ class Quantizer(base_beam_component.BaseBeamComponent):
         is quantized nor blessed.
       previous_report: optional earlier ``report``: finished trials for the same model
         fingerprint and configuration are reused (resume instead of repeat).
+      raw_examples: optional ExampleGen ``examples`` (the raw tf.Examples requests carry). With
+        several finalists (``accelerator='auto'``, ``precision='auto'``) they are timed again on a
+        few raw examples of the evaluation split through the path ``nano-tfx serve`` runs (parse
+        + tf.Transform, then the engine) and the fastest served one is blessed.
       accelerator: None (Intel Neural Compressor, TF graph), 'onnxruntime', 'openvino' or 'auto'.
       precision: 'int8' (default), another precision the accelerator supports, or 'auto': the
         precision ladder (INT8 → INT8 with BF16 fallback layers → BF16 → the engine's FP32),
@@ -111,6 +116,7 @@ class Quantizer(base_beam_component.BaseBeamComponent):
         evaluation: Optional[channel.BaseChannel] = None,
         model_blessing: Optional[channel.BaseChannel] = None,
         previous_report: Optional[channel.BaseChannel] = None,
+        raw_examples: Optional[channel.BaseChannel] = None,
         accelerator: Optional[str] = None,
         precision: str = "int8",
         accuracy_criterion: Optional[Mapping[str, Any]] = None,
@@ -155,6 +161,7 @@ class Quantizer(base_beam_component.BaseBeamComponent):
             evaluation=evaluation,
             model_blessing=model_blessing,
             previous_report=previous_report,
+            raw_examples=raw_examples,
             quantized_model=channel.Channel(type=standard_artifacts.Model),
             blessing=channel.Channel(type=standard_artifacts.ModelBlessing),
             report=channel.Channel(type=QuantizationReport),

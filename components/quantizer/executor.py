@@ -35,9 +35,10 @@ from components.quantizer import serving
 from components.quantizer.artifacts import REPORT_HTML, REPORT_JSON
 from components.quantizer.beam_runner import BeamTrialRunner, with_runner_defaults, runner_name
 from components.quantizer.decision import QuantizerDecision, bounds_text, report_html
+from components.quantizer.served_timing import read_raw_examples, served_call_path
 from components.quantizer.keys import (
     BLESSING_KEY, EVALUATION_KEY, EXAMPLES_KEY, MODEL_BLESSING_KEY, MODEL_KEY, PREVIOUS_REPORT_KEY,
-    QUANTIZED_MODEL_KEY, REPORT_KEY, TRANSFORM_GRAPH_KEY,
+    QUANTIZED_MODEL_KEY, RAW_EXAMPLES_KEY, REPORT_KEY, TRANSFORM_GRAPH_KEY,
 )
 from components.quantizer.data import (
     TransformedExamplesSource, feature_layout, sample_records, split_file_pattern,
@@ -106,6 +107,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         evaluation = _single(input_dict, EVALUATION_KEY)
         fp32_blessing = _single(input_dict, MODEL_BLESSING_KEY)
         previous = _single(input_dict, PREVIOUS_REPORT_KEY)
+        raw_examples = _single(input_dict, RAW_EXAMPLES_KEY)
         out_model = _single(output_dict, QUANTIZED_MODEL_KEY)
         blessing = _single(output_dict, BLESSING_KEY)
         report_artifact = _single(output_dict, REPORT_KEY)
@@ -252,6 +254,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             previous_report=previous_report, workdir=os.path.join(tmp_dir, "nano_tfx"),
             min_speedup=min_speedup, trial_evaluation=exec_properties.get("trial_evaluation") or "full",
             confidence=exec_properties.get("confidence") or 0.99,
+            call_path=self._served_call_path(raw_examples, eval_split, model_path, transform_graph.uri, info, decision)
+            if "auto" in (accelerator, precision) else None,
         )
         met, err_seen = True, None
         try:
@@ -377,6 +381,25 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         out_model.set_string_custom_property("nano_tfx_backend", backend)
         out_model.set_string_custom_property("nano_tfx_precision", str(quantized.precision))
         return backend, serving_dir, parse_keys
+
+    def _served_call_path(self, raw_examples: Optional[types.Artifact], split: str, fp32_path: str,
+                          transform_uri: str, info: Optional[EvaluatorInfo], decision: QuantizerDecision):
+        """The ``call_path`` the finalists are chosen by (``served_timing``): raw examples of the
+        evaluation split through parse + tf.Transform + engine, as ``nano-tfx serve`` runs them.
+        None (model-only timing) without ``raw_examples``."""
+        if raw_examples is None:
+            return None
+        try:
+            pattern = split_file_pattern(raw_examples, split)
+        except ValueError as err:
+            raise ValueError(f"raw_examples: {err}".replace("transformed examples", "raw examples")) from err
+        examples = read_raw_examples(pattern)
+        # what a request carries, as _write_model records it for the server
+        keys = serving.raw_parse_keys(fp32_path) or self._raw_keys_without_labels(
+            transform_uri, list(info.label_keys if info else []))
+        decision.notes.append(f"finalists timed through the served call path (parse + tf.Transform + engine) "
+                              f"on {len(examples)} raw {split!r} examples")
+        return served_call_path(transform_uri, keys, examples)
 
     @staticmethod
     def _raw_keys_without_labels(transform_uri: str, labels: List[str]) -> Optional[List[str]]:

@@ -8,6 +8,7 @@ TRANSFORM_GRAPH_KEY = "transform_graph"
 EVALUATION_KEY = "evaluation"
 MODEL_BLESSING_KEY = "model_blessing"
 PREVIOUS_REPORT_KEY = "previous_report"
+RAW_EXAMPLES_KEY = "raw_examples"
 # outputs
 QUANTIZED_MODEL_KEY = "quantized_model"
 BLESSING_KEY = "blessing"

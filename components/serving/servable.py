@@ -238,12 +238,24 @@ def _engine_model(path: str, thread_num: Optional[int]) -> Servable:
 
 def _transform_fn(path: str, transform_dir: str, model_inputs: Sequence[Any]) -> Callable:
     """serialized tf.Examples -> the model's inputs (numpy, model order), in TensorFlow."""
+    import tensorflow_transform as tft
+
+    return examples_transform(transform_dir, model_inputs, _raw_keys(path, tft.TFTransformOutput(transform_dir)),
+                              argument="MODEL_DIR")
+
+
+def examples_transform(transform_dir: str, model_inputs: Sequence[Any], raw_keys: Optional[Sequence[str]] = None,
+                       argument: str = "transform_graph") -> Callable[[np.ndarray], list[np.ndarray]]:
+    """serialized tf.Examples -> the model's inputs (numpy, model order): parse ``raw_keys`` (None:
+    every raw feature of the Transform schema) and run the tf.Transform graph, in TensorFlow. The
+    served request's path in front of the engine (also what ``accelerator='auto'`` times the
+    Quantizer's finalists through: ``components.quantizer.served_timing``)."""
     import tensorflow as tf
     import tensorflow_transform as tft
 
     tft_output = tft.TFTransformOutput(transform_dir)
-    keys = set(_raw_keys(path, tft_output))
-    raw_spec = {k: v for k, v in tft_output.raw_feature_spec().items() if k in keys}
+    keys = set(raw_keys) if raw_keys is not None else None
+    raw_spec = {k: v for k, v in tft_output.raw_feature_spec().items() if keys is None or k in keys}
     layer = tft_output.transform_features_layer()
     names = [t.name for t in model_inputs]
     dtypes = [tf.as_dtype(np.dtype(t.dtype)) for t in model_inputs]
@@ -255,7 +267,7 @@ def _transform_fn(path: str, transform_dir: str, model_inputs: Sequence[Any]) ->
 
     missing = [n for n in names if n not in tft_output.transformed_feature_spec()]
     if missing:
-        raise ValueError(f"MODEL_DIR: the model's inputs {missing} are not features of {transform_dir!r}")
+        raise ValueError(f"{argument}: the model's inputs {missing} are not features of {transform_dir!r}")
 
     def run(serialized: np.ndarray) -> list[np.ndarray]:
         try:
