@@ -4,12 +4,15 @@ Lifecycle (see ``nano_tfx.backends.base``):
 
 * ``prepare``: tf2onnx converts the source signature to ONNX (input/output names kept equal to
   ``source.input_names`` / ``source.output_names``), then ``quant_pre_process`` (symbolic shape
-  inference + ORT basic graph optimisation). The result is an :class:`OrtPrepared` — plain,
-  picklable data (paths + node lists), so trials may run in other processes.
+  inference + ORT basic graph optimisation); on a transformer encoder (MatMuls of two
+  activations) also ``onnxruntime.transformers`` fusion, kept only when FP32-equal and not slower
+  (``convert._fuse_transformer``). The result is an :class:`OrtPrepared` — plain, picklable data
+  (paths + node lists), so trials may run in other processes.
 * ``search_space``: static INT8 knobs ``format`` (QDQ), ``activation_type`` (uint8),
   ``per_channel`` (True), ``calibrate_method`` (MinMax) (+ ``reduce_range`` (True) on x86 CPUs
   without VNNI); dynamic INT8 knobs ``per_channel``, ``weight_type``, ``quantize_conv``
-  (+ ``reduce_range``); fp16 has no knobs. Every config also carries its ``approach``. Fallback
+  (+ ``reduce_range``); fp16 has no knobs. On an encoder the static space's ``approach`` knob is
+  ``["dynamic", "static"]`` or the reverse, the faster at batch 1 first (``probe_approaches``). Every config also carries its ``approach``. Fallback
   candidates are the weighted nodes (Conv, MatMul, Gemm, ...) of the pre-processed graph: first
   and last such node, then by weight-range spread across output channels.
 * fp16: ``onnxruntime.transformers.float16`` (weights and compute graph fp16, IO kept fp32).
