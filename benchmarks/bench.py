@@ -287,10 +287,10 @@ def _direct_fn(q) -> Callable | None:
     return None
 
 
-def nano(case: ModelCase, accelerator: str | None, precision: str) -> Callable[[Variant], None]:
+def nano(case: ModelCase, accelerator: str | None, precision: str, approach: str = "static") -> Callable[[Variant], None]:
     def make(v: Variant) -> None:
         q = nano_tfx.quantize(case.model, precision=precision, accelerator=accelerator,
-                              calib_dataset=case.calib)
+                              calib_dataset=case.calib, approach=approach)
         v.run = q.run
         v.call = lambda xs: q(xs[0])
         v.direct = _direct_fn(q)
@@ -316,7 +316,8 @@ def nano(case: ModelCase, accelerator: str | None, precision: str) -> Callable[[
                     for t in rep.trials) + ")"
             # nano's own side-by-side numbers (its final timing), beside the bench's rows
             v.extra["report_speed"] = {"speedup": rep.speedup, "int8_gain": rep.int8_gain,
-                                       "engine_fp32_latency_ms": rep.engine_fp32_latency_ms}
+                                       "engine_fp32_latency_ms": rep.engine_fp32_latency_ms,
+                                       "fp32_latency_ms": rep.fp32_latency_ms}
             cfg = rep.trials[rep.chosen].config if rep.chosen is not None and rep.trials else None
             if cfg:
                 v.extra["config"] = cfg
@@ -389,7 +390,17 @@ def raw_onnxruntime(case: ModelCase, tmp: str, holder: dict) -> tuple[Callable, 
         sess, v.run = session(out)
         v.keep, v.size_bytes = sess, os.path.getsize(out)
 
-    return fp32, int8
+    def int8_dynamic(v: Variant) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        pre = os.path.join(tmp, "raw_fp32_pre.onnx")
+        src = pre if os.path.exists(pre) else convert()  # int8 (static) ran first: its pre-processed model
+        out = os.path.join(tmp, "raw_int8_dynamic.onnx")
+        quantize_dynamic(src, out, weight_type=QuantType.QInt8, per_channel=True)
+        sess, v.run = session(out)
+        v.keep, v.size_bytes = sess, os.path.getsize(out)
+
+    return fp32, int8, int8_dynamic
 
 
 def raw_openvino(case: ModelCase, saved_model_dir: str, tmp: str, holder: dict) -> Callable:
@@ -580,6 +591,11 @@ def rows_for(case: ModelCase, variants: list[Variant]) -> tuple[list[dict], str 
             "ratio_b1_vs_own_raw": _r(_ratio_per_round(e.get("b1", []), own.extra["b1"]) if own_ok else None, 3),
             "ratio_run_vs_direct": _r(_ratio_per_round(e.get("b1", []), e.get("direct", [])), 3),
             "gain_b1_vs_engine_fp32": _r(_engine_fp32_gain(v, by), 3),
+            # report.speedup (nano's own side-by-side timing, FP32 SavedModel vs the returned model)
+            # beside TF FP32 (this bench's tf.function row) ÷ the returned model's __call__, per round
+            "report_speedup": _r((e.get("report_speed") or {}).get("speedup"), 3),
+            "call_speedup_vs_tf_fp32": _r(_ratio_per_round(by["tf-fp32"].extra.get("b1", []), e.get("call", []))
+                                          if "tf-fp32" in by and e.get("call") else None, 3),
             "build_s": v.build_s,
             "b1_ms_rounds": [_r(t) for t in e.get("b1", [])],
             "b32_ms_rounds": [_r(t) for t in e.get("b32", [])],
@@ -647,13 +663,19 @@ def bench_model(name: str, plan: dict, skipped: list) -> tuple[list[dict], str |
             else:
                 skipped.append({"model": name, "variant": f"nano-{backend}-bf16",
                                 "reason": f"{backend}.precisions = {sorted(precs)} (no bf16 on this CPU/backend)"})
+        if name in ENCODERS:
+            add(Variant("nano-onnxruntime-int8-dynamic", "nano", "onnxruntime", "int8", "QuantizedModel.run([x])",
+                        own_raw="raw-onnxruntime-int8-dynamic"), nano(case, "onnxruntime", "int8", "dynamic"))
         add(Variant("nano-auto-int8", "nano", "auto", "int8", "QuantizedModel.run([x])"), nano(case, "auto", "int8"))
         # the precision ladder on every engine (issue 20): the fastest of INT8/INT8+BF16/BF16/FP32
         add(Variant("nano-auto-auto", "nano", "auto", "auto", "QuantizedModel.run([x])"), nano(case, "auto", "auto"))
 
         ort_holder: dict = {}
-        ort_fp32, ort_int8 = raw_onnxruntime(case, tmp, ort_holder)
+        ort_fp32, ort_int8, ort_dyn = raw_onnxruntime(case, tmp, ort_holder)
         add(Variant("raw-onnxruntime-int8", "raw", "onnxruntime", "int8", "InferenceSession.run"), ort_int8)
+        if name in ENCODERS:  # ORT dynamic INT8 (MatMulInteger), the transformer option (issue 18 item 3)
+            add(Variant("raw-onnxruntime-int8-dynamic", "raw", "onnxruntime", "int8", "InferenceSession.run",
+                        notes="quantize_dynamic(per_channel=True, QInt8)"), ort_dyn)
         add(Variant("raw-onnxruntime-fp32", "raw", "onnxruntime", "fp32", "InferenceSession.run"), ort_fp32)
         ov_holder: dict = {}
         ov = raw_openvino(case, sm, tmp, ov_holder)
@@ -666,7 +688,7 @@ def bench_model(name: str, plan: dict, skipped: list) -> tuple[list[dict], str |
 
         # interleave each wrapper with its raw engine so that neighbouring blocks share the load
         order = ["tf-fp32", "nano-inc-int8", "nano-onnxruntime-int8", "raw-onnxruntime-int8",
-                 "raw-onnxruntime-fp32", "nano-openvino-int8", "raw-openvino-int8", "nano-openvino-bf16",
+                 "nano-onnxruntime-int8-dynamic", "raw-onnxruntime-int8-dynamic", "raw-onnxruntime-fp32", "nano-openvino-int8", "raw-openvino-int8", "nano-openvino-bf16",
                  "raw-openvino-bf16", "raw-openvino-fp32", "raw-tflite-int8", "nano-auto-int8", "nano-auto-auto"]
         rank = {n: i for i, n in enumerate(order)}
         variants.sort(key=lambda v: rank.get(v.name, len(order)))
@@ -690,7 +712,36 @@ def bench_model(name: str, plan: dict, skipped: list) -> tuple[list[dict], str |
 # --------------------------------------------------------------------------------------------
 # targets and reports
 # --------------------------------------------------------------------------------------------
-def targets(rows: list[dict], models: list[str]) -> list[dict]:
+def _encoder_targets(rows: list[dict], model: str, flags: dict) -> list[dict]:
+    """Issue 18 item 8, batch 1: ``auto`` INT8 vs the fastest engine FP32 row and vs TF FP32 (per-round
+    ratios, higher = faster). With AVX-512 VNNI or AMX: >= 2x and >= 4x (the BERT-base shape is the
+    primary one); AVX2 only: >= 1.3x the fastest FP32 engine."""
+    auto = next((r for r in rows if r["model"] == model and r["variant"] == "nano-auto-int8"), None)
+    tf = next((r for r in rows if r["model"] == model and r["variant"] == "tf-fp32"), None)
+    fp32 = [r for r in rows if r["model"] == model and r["kind"] == "raw" and r["precision"] == "fp32"
+            and r["status"] == "ok" and r.get("b1_ms")]
+    if not auto or not auto.get("b1_ms"):
+        return []
+    vnni = bool(flags.get("avx512_vnni") or flags.get("amx_int8") or flags.get("avx_vnni"))
+    out = []
+    if fp32:
+        best = min(fp32, key=lambda r: r["b1_ms"])
+        gain = _ratio_per_round(best.get("b1_ms_rounds") or [], auto.get("b1_ms_rounds") or [])
+        bar = 2.0 if vnni else 1.3
+        out.append({"target": "encoder_auto_int8_vs_fastest_fp32_engine_b1", "model": model,
+                    "variant": "nano-auto-int8", "value": _r(gain), "threshold": f">= {bar:g}",
+                    "met": bool(gain and gain >= bar), "primary": model == "bert_base",
+                    "note": f"{best['variant']} {best['b1_ms']:.3f} ms ÷ auto ({auto['engine']}) {auto['b1_ms']:.3f} ms; "
+                            + ("VNNI/AMX CPU" if vnni else "AVX2-only CPU")})
+    if tf and tf.get("b1_ms") and vnni:
+        gain = _ratio_per_round(tf.get("b1_ms_rounds") or [], auto.get("b1_ms_rounds") or [])
+        out.append({"target": "encoder_auto_int8_vs_tf_fp32_b1", "model": model, "variant": "nano-auto-int8",
+                    "value": _r(gain), "threshold": ">= 4", "met": bool(gain and gain >= 4),
+                    "primary": model == "bert_base", "note": "VNNI/AMX CPU"})
+    return out
+
+
+def targets(rows: list[dict], models: list[str], flags: dict | None = None) -> list[dict]:
     out = []
 
     def row(model, variant):
@@ -699,6 +750,8 @@ def targets(rows: list[dict], models: list[str]) -> list[dict]:
     for model in models:
         auto, tf = row(model, "nano-auto-int8"), row(model, "tf-fp32")
         primary = model == TARGET_MODEL
+        if model in ENCODERS:
+            out += _encoder_targets(rows, model, flags or {})
         if auto and tf:
             speed = tf["b1_ms"] / auto["b1_ms"] if auto.get("b1_ms") and tf.get("b1_ms") else None
             out.append({"target": "auto_speedup_vs_tf_fp32_b1", "model": model, "variant": "nano-auto-int8",
@@ -821,6 +874,16 @@ def markdown(result: dict) -> str:
                    f"{_fmt(r['b1_direct_ms'])} | {_fmt(r['ratio_run_vs_direct'], '{:.3f}')} | "
                    f"{(r['own_raw'] + ' ' + _fmt(own['b1_ms'])) if own else ''} | "
                    f"{_fmt(r['ratio_b1_vs_own_raw'], '{:.3f}')} |")
+    out += ["", "## report.speedup vs the returned model's own call path (batch 1)", "",
+            "report.speedup: nano's side-by-side timing (FP32 SavedModel signature vs the returned model's "
+            "run); call: this bench's TF FP32 row ÷ the returned model's `q(x)`, per round (a different "
+            "FP32 reference function, same process).", "",
+            "| model | variant | report.speedup | TF FP32 ÷ q(x) | call ÷ report |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "nano" and r["status"] == "ok" and r.get("report_speedup") and r.get("call_speedup_vs_tf_fp32"):
+            out.append(f"| {r['model']} | {r['variant']} | {_fmt(r['report_speedup'])} | "
+                       f"{_fmt(r['call_speedup_vs_tf_fp32'])} | "
+                       f"{_fmt(r['call_speedup_vs_tf_fp32'] / r['report_speedup'], '{:.3f}')} |")
     out += ["", "## Targets", "", "| target | model | variant | value | threshold | met | note |",
             "|---|---|---|---|---|---|---|"]
     for t in result["targets"]:
@@ -965,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_notes": model_notes,
         "elapsed_s": round(time.perf_counter() - _T0, 1),
     }
-    result["targets"] = targets(result["rows"], models)
+    result["targets"] = targets(result["rows"], models, env["cpu_flags"])
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
     md = markdown(result)
@@ -975,6 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(result["rows"], os.path.join(args.out, "latency_vs_accuracy.png"))
     except Exception:
         traceback.print_exc(file=sys.stderr)
+    print("CPU flags: " + ", ".join(f"{k}={v}" for k, v in env["cpu_flags"].items()))
     print(markdown_table(result["rows"]))
     print()
     for t in result["targets"]:
@@ -987,7 +1051,8 @@ def main(argv: list[str] | None = None) -> int:
 ROW_KEYS = ("model", "variant", "kind", "engine", "precision", "api", "status", "b1_ms", "b1_call_ms",
             "b1_direct_ms", "b32_ms", "b32_ips", "accuracy", "accuracy_kind", "agreement_vs_tf",
             "out_rel_l2_vs_tf", "size_mb", "ratio_b1_vs_tf_fp32", "ratio_b1_vs_fastest_raw", "own_raw",
-            "ratio_b1_vs_own_raw", "ratio_run_vs_direct", "gain_b1_vs_engine_fp32", "build_s", "b1_ms_rounds",
+            "ratio_b1_vs_own_raw", "ratio_run_vs_direct", "gain_b1_vs_engine_fp32", "report_speedup",
+            "call_speedup_vs_tf_fp32", "build_s", "b1_ms_rounds",
             "b32_ms_rounds", "b1_call_ms_rounds", "b1_direct_ms_rounds", "notes", "details")
 
 

@@ -4,12 +4,15 @@ Lifecycle (see ``nano_tfx.backends.base``):
 
 * ``prepare``: tf2onnx converts the source signature to ONNX (input/output names kept equal to
   ``source.input_names`` / ``source.output_names``), then ``quant_pre_process`` (symbolic shape
-  inference + ORT basic graph optimisation). The result is an :class:`OrtPrepared` — plain,
-  picklable data (paths + node lists), so trials may run in other processes.
+  inference + ORT basic graph optimisation); on a transformer encoder (MatMuls of two
+  activations) also ``onnxruntime.transformers`` fusion, kept only when FP32-equal and not slower
+  (``convert._fuse_transformer``). The result is an :class:`OrtPrepared` — plain, picklable data
+  (paths + node lists), so trials may run in other processes.
 * ``search_space``: static INT8 knobs ``format`` (QDQ), ``activation_type`` (uint8),
   ``per_channel`` (True), ``calibrate_method`` (MinMax) (+ ``reduce_range`` (True) on x86 CPUs
   without VNNI); dynamic INT8 knobs ``per_channel``, ``weight_type``, ``quantize_conv``
-  (+ ``reduce_range``); fp16 has no knobs. Every config also carries its ``approach``. Fallback
+  (+ ``reduce_range``); fp16 has no knobs. On an encoder the static space's ``approach`` knob is
+  ``["dynamic", "static"]`` or the reverse, the faster at batch 1 first (``probe_approaches``). Every config also carries its ``approach``. Fallback
   candidates are the weighted nodes (Conv, MatMul, Gemm, ...) of the pre-processed graph: first
   and last such node, then by weight-range spread across output channels.
 * fp16: ``onnxruntime.transformers.float16`` (weights and compute graph fp16, IO kept fp32).
@@ -43,7 +46,10 @@ from nano_tfx.backends.base import (
     TrialConfig,
     register,
 )
-from nano_tfx.backends.onnxruntime.convert import OrtPrepared, _convert_to_onnx, _preprocess, _weight_spread
+from nano_tfx.backends.onnxruntime.convert import (
+    OrtPrepared, _activation_matmuls, _convert_to_onnx, _fuse_transformer, _preprocess, _weight_spread,
+    gemm_as_matmul, synthetic_feeds, time_sessions,
+)
 from nano_tfx.backends.onnxruntime.quantize import _CALIB_CHUNK, _calibration_reader, _largest_divisor_at_most
 from nano_tfx.backends.onnxruntime.space import (
     _OPSET_RANGE, ACTIVATION_TYPES, CALIBRATE_METHODS, DEFAULT_OPSET, DYNAMIC_WEIGHTED_OPS, FORMATS,
@@ -255,6 +261,13 @@ class OnnxRuntimeBackend(Backend):
 
         how = _preprocess(fp32_path, model_path)
         model = onnx.load(model_path)
+        attention = _activation_matmuls(model)
+        fusion: dict = {}
+        if attention:  # a transformer encoder: try ORT's transformer fusions, kept only if FP32-equal and not slower
+            fusion = _fuse_transformer(model_path, model_path, self.session_options())
+            if fusion.get("applied"):
+                model = onnx.load(model_path)
+            logger.info("onnxruntime: transformer fusion %s", fusion)
         nodes = [(n.name, n.op_type) for n in model.graph.node]
         spread = _weight_spread(model)
         return OrtPrepared(
@@ -268,6 +281,8 @@ class OnnxRuntimeBackend(Backend):
             output_names=list(source.output_names),
             nodes=nodes,
             weight_spread=spread,
+            activation_matmuls=attention,
+            fusion=fusion,
         )
 
     # ---- search space -----------------------------------------------------------------------
@@ -298,8 +313,13 @@ class OnnxRuntimeBackend(Backend):
             ordered = _order_by_sensitivity([n for n in names if n not in convs], prepared.weight_spread)
             ordered += _order_by_sensitivity([n for n in names if n in convs], prepared.weight_spread)
             return SearchSpace(knobs, ordered, refinements=_refinements(no_vnni, {"per_channel": True}))
+        # A transformer encoder (MatMuls of two activations: attention): dynamic INT8 (MatMulInteger)
+        # beside static QDQ, the one measured faster on this CPU first (the default); CNNs: static only.
+        approaches = ["static"]
+        if method is None and prepared.activation_matmuls:
+            approaches = self.approach_order(prepared)
         knobs = {
-            "approach": ["static"],
+            "approach": approaches,
             "format": ["QOperator"] if method == "qlinear" else list(FORMATS),
             "activation_type": list(ACTIVATION_TYPES),
             "per_channel": [True, False],
@@ -311,8 +331,57 @@ class OnnxRuntimeBackend(Backend):
         # Percentile (99.999 %) clips rare activation peaks; Entropy is left out (20-60x slower
         # calibration). Measured on the 24-layer planted MLP (AVX2, culprit layers in FP32):
         # top-1 0.887 defaults, 0.893 Percentile, 0.910 8-bit weights (FP32 0.901).
+        # (Percentile changes nothing in a dynamic trial: no refinement but 8-bit weights there)
+        finer = ({"calibrate_method": "Percentile"},) if approaches[0] == "static" else ()
         return SearchSpace(knobs, _order_by_sensitivity(names, prepared.weight_spread),
-                           refinements=_refinements(no_vnni, {"calibrate_method": "Percentile"}))
+                           refinements=_refinements(no_vnni, *finer))
+
+    def approach_order(self, prepared: OrtPrepared) -> list[str]:
+        """``["dynamic", "static"]`` or the reverse: the approach whose default INT8 model ran faster
+        at batch 1 in ``probe_approaches`` first (static first when it could not be measured)."""
+        if prepared.approach_probe is None:
+            prepared.approach_probe = self.probe_approaches(prepared)
+        ms = prepared.approach_probe.get("b1_ms") or {}
+        if ms.get("dynamic") is not None and ms.get("static") is not None and ms["dynamic"] < ms["static"]:
+            return ["dynamic", "static"]
+        return ["static", "dynamic"]
+
+    def probe_approaches(self, prepared: OrtPrepared) -> dict:
+        """Static QDQ vs dynamic INT8, each fully quantized with its default knobs, timed at batch 1
+        side by side (interleaved rounds) on synthetic inputs: which INT8 kernels are faster depends
+        on the CPU (VNNI/AMX) and the model, not on the calibrated ranges, so random inputs serve
+        (2 calibration batches; the model is timed, never judged). Done once per prepared model."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        feeds = synthetic_feeds(prepared.model_path)
+        if feeds is None:
+            return {"why": "input shapes beyond the batch are not fixed: not measured, static first"}
+        os.makedirs(prepared.trials_dir, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix="probe_", dir=prepared.trials_dir)
+        try:
+            paths = {"static": os.path.join(scratch, "static.onnx"), "dynamic": os.path.join(scratch, "dynamic.onnx")}
+
+            class _Feeds:
+                def __init__(self):
+                    self._it = iter([feeds, feeds])
+
+                def get_next(self):
+                    return next(self._it, None)
+
+            quantize_static(prepared.model_path, paths["static"], _Feeds(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, reduce_range=cpu_has_vnni() is False,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+            self._dynamic(prepared, paths["dynamic"], TrialConfig.make({"per_channel": True,
+                                                                         "approach": "dynamic"}), [])
+            ms = time_sessions(paths, feeds, self.session_options())
+            logger.info("onnxruntime: INT8 approach probe (batch-1 ms) %s", ms)
+            return {"b1_ms": ms}
+        except Exception as exc:  # noqa: BLE001 - a probe: without it static stays first
+            logger.info("onnxruntime: INT8 approach probe failed: %s", exc)
+            return {"why": f"probe failed: {type(exc).__name__}: {exc}"[:300]}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     # ---- quantize ---------------------------------------------------------------------------
 
@@ -343,6 +412,9 @@ class OnnxRuntimeBackend(Backend):
     @staticmethod
     def _check_knobs(precision: str, approach: str, config: TrialConfig) -> None:
         allowed = KNOBS["fp16" if precision == "fp16" else approach]
+        if precision == "int8" and approach == "dynamic" and config.knob("approach") == "dynamic":
+            # a transformer's static space also offers approach='dynamic': its static knobs ride along
+            allowed = allowed | KNOBS["static"]
         unknown = sorted(k for k, _ in config.knobs if k not in allowed)
         if unknown:
             raise ValueError(
@@ -446,24 +518,44 @@ class OnnxRuntimeBackend(Backend):
             reduce_range=bool(config.knob("reduce_range", False)),
             nodes_to_exclude=list(fallback),
         )
+        if prepared.activation_matmuls:
+            # attention's QK^T / AV products too (both sides DynamicQuantizeLinear), as static QDQ does:
+            # the same speed, measured, and the encoder's MatMuls all run in INT8
+            common["extra_options"] = {"MatMulConstBOnly": False}
         non_conv = [op for op in DYNAMIC_WEIGHTED_OPS if op != "Conv"]
+        src = self._dynamic_source(prepared)
         if wt == "uint8":
             ops = non_conv + (["Conv"] if with_conv else [])
-            quantize_dynamic(prepared.model_path, out, op_types_to_quantize=ops,
+            quantize_dynamic(src, out, op_types_to_quantize=ops,
                              weight_type=QuantType.QUInt8, **common)
             return
         if not with_conv:
-            quantize_dynamic(prepared.model_path, out, op_types_to_quantize=non_conv,
+            quantize_dynamic(src, out, op_types_to_quantize=non_conv,
                              weight_type=QuantType.QInt8, **common)
             return
         first = out + ".s8.onnx"
         try:
-            quantize_dynamic(prepared.model_path, first, op_types_to_quantize=non_conv,
+            quantize_dynamic(src, first, op_types_to_quantize=non_conv,
                              weight_type=QuantType.QInt8, **common)
             quantize_dynamic(first, out, op_types_to_quantize=["Conv"], weight_type=QuantType.QUInt8, **common)
         finally:
             if os.path.exists(first):
                 os.remove(first)
+
+    @staticmethod
+    def _dynamic_source(prepared: OrtPrepared) -> str:
+        """The model dynamic trials quantize: the prepared one, its weighted Gemms as MatMuls
+        (``gemm_as_matmul``; written once, next to it)."""
+        path = prepared.model_path[: -len(".onnx")] + "_gemm_as_matmul.onnx"
+        if os.path.exists(path):
+            return path
+        if not any(op == "Gemm" for _, op in prepared.nodes):
+            return prepared.model_path
+        tmp = path + f".{os.getpid()}.tmp"
+        if gemm_as_matmul(prepared.model_path, tmp):
+            os.replace(tmp, path)
+            return path
+        return prepared.model_path
 
     def _fp16(self, prepared, out, fallback) -> None:
         import onnx
