@@ -118,3 +118,12 @@ def test_airflow_dag_has_every_component_as_a_task(package, tmp_path):
     assert {"Evaluator", "Trainer", "Transform", "latest_quantization_report_resolver"} <= set(up["Quantizer"])
     assert {"Trainer", "latest_blessed_model_resolver"} <= set(up["Evaluator"])
     assert up["StatisticsGen"] == [example_gen]
+
+
+def test_kfp_reviews_quantizes_with_its_default_backend(kfp_json):
+    """The reviews pipeline's Quantizer defaults to ONNX Runtime (its INT8 encoder clears the speed
+    gate on any x86 CPU); digits and penguin keep INC, the Quantizer's own default."""
+    package, job = kfp_json
+    params = job["pipelineSpec"]["root"]["dag"]["tasks"]["Quantizer"]["inputs"]["parameters"]
+    accelerator = params.get("accelerator", {}).get("runtimeValue", {}).get("constantValue", {}).get("stringValue")
+    assert accelerator == ("onnxruntime" if package == "reviews" else None), params.get("accelerator")

@@ -11,5 +11,5 @@ ENTRY = PipelineEntry(
     kfp_name="reviews-int8",
     pipeline_module="pipelines.reviews.pipeline",
     image_data_root="/app/data/reviews",  # components/Dockerfile copies TFX's IMDB sample there
-    defaults={"train_steps": 60, "accuracy_threshold": 0.0},
+    defaults={"train_steps": 60, "accuracy_threshold": 0.0, "accelerator": "onnxruntime"},
 )
