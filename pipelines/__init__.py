@@ -1,4 +1,5 @@
-"""Ready TFX pipelines that end in Quantizer → Pusher (``pipelines.digits``, ``pipelines.penguin``).
+"""Ready TFX pipelines that end in Quantizer → Pusher (``pipelines.digits``, ``pipelines.penguin``,
+``pipelines.reviews``: text).
 
 Each has ``pipeline.py`` (``create_pipeline``), its Transform/Trainer module and three runners:
 ``local_runner.py`` (LocalDagRunner), ``kubeflow_v2_runner.py`` (KFP v2 pipeline JSON) and

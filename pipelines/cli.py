@@ -1,6 +1,7 @@
 """``nano-tfx``: the command line.
 
     nano-tfx demo                      # the digits pipeline, locally, end to end
+    nano-tfx demo --pipeline reviews   # the text pipeline (IMDB reviews -> transformer -> INT8)
     nano-tfx quantize SAVED_MODEL --calib data.npz --output q [--accelerator openvino] ...
     nano-tfx report PATH               # a report's table (report.json, a model or a run dir)
     nano-tfx serve MODEL_DIR --name NAME --port PORT [--host HOST]   # V2 inference protocol
@@ -502,28 +503,40 @@ def cmd_report(args) -> int:
 
 
 # -- nano-tfx demo ----------------------------------------------------------------------------
+#: ``--pipeline`` choices: (package under ``pipelines``, what the first line says it runs)
+DEMO_PIPELINES = {
+    "digits": ("digits", "digits CNN"),
+    "reviews": ("reviews", "IMDB reviews transformer (text)"),
+}
+
+
 def cmd_demo(args) -> int:
-    root = os.path.abspath(args.root)
+    import importlib
+
+    package, what = DEMO_PIPELINES[args.pipeline]
+    entry = importlib.import_module(f"pipelines.{package}").ENTRY  # light: names and defaults only
+    root = os.path.abspath(args.root or entry.default_root)
     os.makedirs(root, exist_ok=True)
     log_path = None if args.verbose else os.path.join(root, "demo.log")
     _quiet_libraries()
     import nano_tfx  # noqa: F401  (oneDNN first)
 
-    print(f"nano-tfx demo: digits CNN -> INT8 with TFX, locally (root: {root})")
+    print(f"nano-tfx demo: {what} -> INT8 with TFX, locally (root: {root})")
     if log_path:
         print(f"Logs: {log_path}")
-    kwargs: dict = dict(train_steps=args.train_steps, accelerator=None if args.accelerator in (None, "inc") else args.accelerator)
+    train_steps = args.train_steps if args.train_steps is not None else entry.defaults["train_steps"]
+    kwargs: dict = dict(train_steps=train_steps, accelerator=None if args.accelerator in (None, "inc") else args.accelerator)
     if args.max_trials:
         kwargs["max_trials"] = args.max_trials
     if args.min_speedup is not None:
         kwargs["min_speedup"] = args.min_speedup
     with quiet_output(log_path) as console:
-        console.step("Loading TFX and the digits pipeline")
+        console.step(f"Loading TFX and the {args.pipeline} pipeline")
         from absl import logging as absl_logging
 
-        from pipelines.digits import local_runner
         from pipelines.runners import beam_args
-        from pipelines.digits import pipeline as _digits_pipeline  # noqa: F401  (TFX, TFMA, Quantizer)
+
+        importlib.import_module(entry.pipeline_module)  # TFX, TFMA, the Quantizer: timed in this step
 
         absl_logging.set_verbosity(absl_logging.INFO)
         console.done()
@@ -535,8 +548,8 @@ def cmd_demo(args) -> int:
                 console.done("done", seconds)
 
         try:
-            summary = local_runner.run(root, beam_pipeline_args=beam_args(args.num_workers, args.beam_mode),
-                                       progress=progress, **kwargs)
+            summary = entry.run(root, beam_pipeline_args=beam_args(args.num_workers, args.beam_mode),
+                                progress=progress, **kwargs)
         except Exception as err:  # noqa: BLE001 - one line; demo.log has the traceback
             console.done("FAILED")
             raise _as_cli_error(err, log_path) from err
@@ -636,12 +649,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="run the digits pipeline locally (Trainer -> Evaluator -> Quantizer -> Pusher)")
-    demo.add_argument("--root", default=os.path.join("runs", "digits_int8"), help="output directory (default: %(default)s)")
-    demo.add_argument("--train-steps", type=int, default=300)
-    # ONNX Runtime by default: on the demo's small CNN it beats TF FP32 on any x86 CPU, so the
-    # Quantizer's speed gate (min_speedup=1.0) blesses it; INC INT8 on stock TensorFlow runs this
-    # model at ~1x FP32 on CPUs without VNNI, where the gate's verdict would be a coin toss.
+    demo = sub.add_parser("demo", help="run a bundled pipeline locally (Trainer -> Evaluator -> Quantizer -> Pusher)")
+    demo.add_argument("--pipeline", default="digits", choices=sorted(DEMO_PIPELINES),
+                      help="digits: a CNN on 8x8 digit images (default); reviews: a transformer on TFX's "
+                           "IMDB review text (tokenized by tf.Transform)")
+    demo.add_argument("--root", default=None, help="output directory (default: runs/<pipeline>_int8)")
+    demo.add_argument("--train-steps", type=int, default=None,
+                      help="Trainer steps (default: the pipeline's, 300 for digits, 60 for reviews)")
+    # ONNX Runtime by default: on the digits CNN and the reviews encoder it beats TF FP32 on any
+    # x86 CPU, so the Quantizer's speed gate (min_speedup=1.0) blesses it; INC INT8 on stock
+    # TensorFlow runs the CNN at ~1x FP32 on CPUs without VNNI, where the gate's verdict would be
+    # a coin toss.
     demo.add_argument("--accelerator", default="onnxruntime", choices=["inc", "onnxruntime", "openvino", "auto"],
                       help="the Quantizer's backend (default: %(default)s; the pushed layout is then ONNX + "
                            "transform_graph, served on raw tf.Examples by `nano-tfx serve`)")

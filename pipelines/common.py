@@ -1,7 +1,7 @@
 """The part every nano-tfx pipeline shares: Trainer → Evaluator → Quantizer → Pusher wiring.
 
-A pipeline package (``pipelines.digits``, ``pipelines.penguin``) brings its ExampleGen, its
-Transform/Trainer module and its defaults, and calls ``build_pipeline``::
+A pipeline package (``pipelines.digits``, ``pipelines.penguin``, ``pipelines.reviews``) brings its
+ExampleGen, its Transform/Trainer module and its defaults, and calls ``build_pipeline``::
 
     ExampleGen → StatisticsGen → SchemaGen → Transform → Trainer → Evaluator → Quantizer → Pusher
 

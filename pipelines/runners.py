@@ -20,7 +20,18 @@ from pipelines import run_outputs
 #: progress(event, node_id, index, total, seconds): event is "start" or "done"
 Progress = Callable[[str, str, int, int, float], None]
 CreatePipeline = Callable[..., Any]
-ACCELERATOR_CHOICES = [None, "onnxruntime", "openvino", "auto"]
+ACCELERATOR_CHOICES = [None, "inc", "onnxruntime", "openvino", "auto"]
+
+
+def _accelerator(name: Optional[str]) -> Optional[str]:
+    """The command line's ``--accelerator`` as the Quantizer takes it (``inc`` is ``None``)."""
+    return None if name in (None, "inc") else name
+
+
+def _add_accelerator_argument(parser: argparse.ArgumentParser, defaults: Dict[str, Any]) -> None:
+    default = defaults.get("accelerator")
+    parser.add_argument("--accelerator", default=default, choices=ACCELERATOR_CHOICES,
+                        help=f"the Quantizer's backend (default: {default or 'inc'}; inc = Intel Neural Compressor)")
 
 
 def beam_args(num_workers: int = 0, mode: str = "multi_processing") -> list:
@@ -133,7 +144,7 @@ def local_main(
     parser.add_argument("--data_root", default=None, help="default: the pipeline's bundled data")
     parser.add_argument("--train_steps", type=int, default=defaults["train_steps"])
     parser.add_argument("--accuracy_threshold", type=float, default=defaults["accuracy_threshold"])
-    parser.add_argument("--accelerator", default=None, choices=ACCELERATOR_CHOICES)
+    _add_accelerator_argument(parser, defaults)
     parser.add_argument("--precision", default="int8")
     parser.add_argument("--accuracy_criterion", type=json.loads, default=None,
                         help='JSON, e.g. \'{"relative": 0.01, "higher_is_better": true}\'')
@@ -148,7 +159,7 @@ def local_main(
     logging.set_verbosity(logging.INFO)
     kwargs: Dict[str, Any] = dict(
         train_steps=args.train_steps, accuracy_threshold=args.accuracy_threshold,
-        accelerator=args.accelerator, precision=args.precision,
+        accelerator=_accelerator(args.accelerator), precision=args.precision,
         accuracy_criterion=args.accuracy_criterion, tuning_strategy=args.tuning_strategy,
         max_trials=args.max_trials, sample_size=args.sample_size,
     )
@@ -216,12 +227,13 @@ def kubeflow_v2_main(
     parser.add_argument("--data_root", default=default_data_root)
     parser.add_argument("--output", default=pipeline_name + "_pipeline.json")
     parser.add_argument("--train_steps", type=int, default=defaults["train_steps"])
-    parser.add_argument("--accelerator", default=None, choices=ACCELERATOR_CHOICES)
+    _add_accelerator_argument(parser, defaults)
     parser.add_argument("--max_trials", type=int, default=None)
     args = parser.parse_args(argv)
     compile_kubeflow_v2(create_pipeline, pipeline_name, args.output, image=args.image,
                         pipeline_root=args.pipeline_root, data_root=args.data_root,
-                        train_steps=args.train_steps, accelerator=args.accelerator, max_trials=args.max_trials)
+                        train_steps=args.train_steps, accelerator=_accelerator(args.accelerator),
+                        max_trials=args.max_trials)
     print(os.path.abspath(args.output))
     return args.output
 
@@ -279,7 +291,8 @@ class PipelineEntry:
       pipeline_module: import path of the module defining ``create_pipeline`` (imported lazily:
         it pulls in TFX).
       image_data_root: the bundled data inside the ``components/Dockerfile`` image.
-      defaults: ``train_steps`` and ``accuracy_threshold`` of the command lines.
+      defaults: ``train_steps`` and ``accuracy_threshold`` of the command lines, and their
+        ``accelerator`` (None: INC) where the pipeline's own default is another backend.
     """
 
     name: str

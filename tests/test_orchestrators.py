@@ -1,4 +1,4 @@
-"""The digits and penguin pipelines on other orchestrators, compiled (no cluster needed).
+"""The digits, penguin and reviews pipelines on other orchestrators, compiled (no cluster needed).
 
 * Kubeflow Pipelines v2: the runner writes the pipeline JSON; every component is a task and
   the Quantizer's executor is ``components.quantizer.executor.Executor`` in the given image.
@@ -21,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINES = {  # package: (ExampleGen, KFP name, Airflow DAG id, image data root)
     "digits": ("CsvExampleGen", "digits-int8", "digits_int8", "/app/pipelines/digits/data"),
     "penguin": ("ImportExampleGen", "penguin-int8", "penguin_int8", "/app/data/penguin"),
+    "reviews": ("CsvExampleGen", "reviews-int8", "reviews_int8", "/app/data/reviews"),
 }
 COMPONENTS = ["StatisticsGen", "SchemaGen", "Transform", "Trainer", "Evaluator", "Quantizer", "Pusher"]
 RESOLVERS = ["latest_blessed_model_resolver", "latest_quantization_report_resolver"]
@@ -96,7 +97,7 @@ AIRFLOW_SCRIPT = textwrap.dedent("""
 """)
 
 
-# Both packages go through the one runner (pipelines/runners.py): one DAG in the default run.
+# Every package goes through the one runner (pipelines/runners.py): one DAG in the default run.
 @pytest.mark.parametrize("package", [p if p == "digits" else pytest.param(p, marks=pytest.mark.extended)
                                      for p in sorted(PIPELINES)])
 def test_airflow_dag_has_every_component_as_a_task(package, tmp_path):
@@ -117,3 +118,12 @@ def test_airflow_dag_has_every_component_as_a_task(package, tmp_path):
     assert {"Evaluator", "Trainer", "Transform", "latest_quantization_report_resolver"} <= set(up["Quantizer"])
     assert {"Trainer", "latest_blessed_model_resolver"} <= set(up["Evaluator"])
     assert up["StatisticsGen"] == [example_gen]
+
+
+def test_kfp_reviews_quantizes_with_its_default_backend(kfp_json):
+    """The reviews pipeline's Quantizer defaults to ONNX Runtime (its INT8 encoder clears the speed
+    gate on any x86 CPU); digits and penguin keep INC, the Quantizer's own default."""
+    package, job = kfp_json
+    params = job["pipelineSpec"]["root"]["dag"]["tasks"]["Quantizer"]["inputs"]["parameters"]
+    accelerator = params.get("accelerator", {}).get("runtimeValue", {}).get("constantValue", {}).get("stringValue")
+    assert accelerator == ("onnxruntime" if package == "reviews" else None), params.get("accelerator")

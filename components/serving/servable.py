@@ -103,6 +103,9 @@ def _tf_error(err: Exception) -> RequestError:
     """TensorFlow's InvalidArgumentError (unparseable examples, missing features) as one line:
     the line naming the problem, not "Graph execution error:" or the node's stack trace."""
     lines = [ln.strip() for ln in str(getattr(err, "message", err)).splitlines() if ln.strip()]
+    # Eager errors carry the Python frames of where the graph was traced ("Detected at node ...",
+    # 'File "servable.py", line N, in parse_and_transform'): never the problem, skip them.
+    lines = [ln for ln in lines if not ln.startswith(('File "', "Detected at node"))] or lines
     useful = [ln for ln in lines if re.search(r"Feature|parse|Name:|Key:|Expected|Could not", ln)]
     line = (useful or lines or [type(err).__name__])[0]
     line = re.sub(r"^.*?}}\s*", "", line)  # drop TF's "{{function_node ...}}" prefix
