@@ -111,14 +111,19 @@ class TrialModelRunFp32:
         return self.run(xs)
 
 
-def test_beam_workers_give_the_same_states(setup, tmp_path):
-    """FP32 once and a chunk as Beam work on the DirectRunner's worker processes (the candidate
-    loaded from its saved trial by each worker): bit-identical counts, the same FP32 results."""
+@pytest.mark.parametrize("mode", [
+    "multi_threading",
+    # worker processes import TensorFlow per pipeline (~1 min each on a loaded 2-core machine)
+    pytest.param("multi_processing", marks=[pytest.mark.slow, pytest.mark.extended]),
+])
+def test_beam_workers_give_the_same_states(setup, tmp_path, mode):
+    """FP32 once and a chunk as Beam work on the DirectRunner's 2 workers (the candidate loaded
+    from its saved trial once per worker, Beam's Shared): identical counts and FP32 results."""
     import apache_beam as beam
 
     m = state_for("accuracy")
     local = _chunks(setup, tmp_path / "local")
-    args = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    args = [f"--direct_running_mode={mode}", "--direct_num_workers=2"]
     remote = _chunks(setup, tmp_path / "beam", mode="beam", beam_min_rows=0,
                      make_pipeline=lambda: beam.Pipeline(argv=args))
     assert remote.pipelines_run == 1 and remote.cuts == local.cuts
@@ -165,3 +170,22 @@ def test_the_sequential_decision_over_shards(setup, tmp_path):
     assert metric == pytest.approx(paired.fp32_metric + record.metric_int8 - record.metric_fp32, abs=1e-12)
     with pytest.raises(ValueError, match="chunk_schedule ends"):
         chunks.chunk_state(m, setup["trial"], 0, 7)
+
+
+def test_the_dask_runner_runs_the_sharded_evaluation(setup, tmp_path):
+    """The same pipelines on the DaskRunner (a 2-worker distributed.LocalCluster, threads: the
+    runner's translation is what is tested; worker processes would only add TF imports)."""
+    import apache_beam as beam
+    from distributed import LocalCluster
+
+    m = state_for("accuracy")
+    local = _chunks(setup, tmp_path / "local")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        args = ["--runner=apache_beam.runners.dask.dask_runner.DaskRunner",
+                f"--dask_client_address={cluster.scheduler_address}", "--dask_partition_size=1"]
+        dask = _chunks(setup, tmp_path / "dask", mode="beam", beam_min_rows=0,
+                       make_pipeline=lambda: beam.Pipeline(argv=args))
+        trial = TrialModel(artifact_dir=setup["trial"].artifact_dir, backend="onnxruntime")
+        state = dask.chunk_state(m, trial, 0, dask.n)
+    assert dask.pipelines_run == 2 and dask.cuts == local.cuts
+    np.testing.assert_array_equal(state, local.chunk_state(m, setup["trial"], 0, local.n))

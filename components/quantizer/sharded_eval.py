@@ -9,7 +9,8 @@ calls (one engine: the decision loop is the Keras API's; only where rows are eva
 * **FP32 once** (``ensure_fp32``): per shard, every example's key (``stable_hash`` of its
   serialized bytes — the fixed hash order, computable by any worker on its own), label and FP32
   output, written as ``shard-NNNNN.npz`` under ``fp32_dir`` with a ``meta.json`` written last
-  (a half-written directory is never reused). The meta's ``key`` is the FP32 model's fingerprint
+  (a half-written directory is never reused), and the records whose key is in the first
+  ``PREFIX_FRACTION`` of the hash space as ``prefix-NNNNN.tfrecord`` (early looks read only those). The meta's ``key`` is the FP32 model's fingerprint
   + the split's files digest + the layout: a resumed run whose key matches reuses the results
   (from its own directory or copied from ``previous_dir``, the previous run's report artifact).
   The driver keeps only the chunk boundaries of the hash order (the hash at each
@@ -48,8 +49,12 @@ log = logging.getLogger("nano_tfx")
 
 META = "meta.json"
 FP32_DIR = "fp32_eval"  # in the report artifact: FP32 results kept with the run
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 READ_BATCH = 4096
+#: the hash order's first 1/8 (keys below PREFIX_HASH; keys are uniform on uint64) is also kept
+#: as its own small record file per shard: the early looks of a trial read only that
+PREFIX_FRACTION = 1 / 8
+PREFIX_HASH = int(2 ** 64 * PREFIX_FRACTION)
 
 
 @dataclass(frozen=True)
@@ -178,14 +183,26 @@ def load_trial(trial: TrialModel):
 
 
 # -- the shard functions (the same in-process and in Beam workers) ------------------------------
+def prefix_path(fp32_dir: str, index: int) -> str:
+    return os.path.join(fp32_dir, f"prefix-{index:05d}.tfrecord")
+
+
 def fp32_shard(split: ShardedSplit, index: int, fp32_dir: str, run: Callable) -> int:
-    """FP32 once on shard ``index``: keys, labels, outputs → ``shard-NNNNN.npz``; returns its rows."""
+    """FP32 once on shard ``index``: keys, labels, outputs → ``shard-NNNNN.npz``, and the records
+    in the hash order's first ``PREFIX_FRACTION`` → ``prefix-NNNNN.tfrecord``; returns its rows."""
+    import tensorflow as tf
+
     keys, labels, outs = [], [], []
-    for serialized in split.serialized(split.shards[index]):
-        keys.append(stable_hash(list(serialized.numpy())))
-        xs, y = split.parse(serialized)
-        labels.append(y)
-        outs.append(_run_batched(run, xs, split.batch_size))
+    with tf.io.TFRecordWriter(prefix_path(fp32_dir, index)) as prefix:
+        for serialized in split.serialized(split.shards[index]):
+            records = list(serialized.numpy())
+            key = stable_hash(records)
+            keys.append(key)
+            for i in np.flatnonzero(key < PREFIX_HASH):
+                prefix.write(records[i])
+            xs, y = split.parse(serialized)
+            labels.append(y)
+            outs.append(_run_batched(run, xs, split.batch_size))
     if keys:
         key, y_true, y_fp32 = np.concatenate(keys), np.concatenate(labels), np.concatenate(outs)
     else:
@@ -197,7 +214,11 @@ def fp32_shard(split: ShardedSplit, index: int, fp32_dir: str, run: Callable) ->
 def chunk_shard(split: ShardedSplit, index: int, fp32_dir: str, metric: PairedMetric, low: int | None,
                 high: int, run: Callable | None, load: Callable[[], Callable]) -> np.ndarray:
     """The paired state of shard ``index``'s rows whose key lies in (low, high] (low None: no lower
-    bound). Only those rows are parsed and run; a shard with none is not read at all."""
+    bound). Only those rows are parsed and run; a shard with none is not read at all, and a chunk
+    inside the hash order's prefix reads the prefix file only (an early look costs a few % of
+    a pass, not a read of the whole split)."""
+    import tensorflow as tf
+
     stored = _load_npz(shard_path(fp32_dir, index))
     key = stored["key"]
     keep = key <= np.uint64(high)
@@ -207,20 +228,25 @@ def chunk_shard(split: ShardedSplit, index: int, fp32_dir: str, metric: PairedMe
     if not keep.any():
         return state
     run = run or load()
+    if high < PREFIX_HASH:  # every row of the chunk is in the prefix file, in the shard's order
+        positions = np.flatnonzero(key < PREFIX_HASH)
+        batches = tf.data.TFRecordDataset([prefix_path(fp32_dir, index)]).batch(READ_BATCH)
+    else:
+        positions = np.arange(len(key))
+        batches = split.serialized(split.shards[index])
     start = 0
-    for serialized in split.serialized(split.shards[index]):
+    for serialized in batches:
         count = int(serialized.shape[0])
-        pick = np.flatnonzero(keep[start:start + count])
-        rows = pick + start
+        idx = positions[start:start + count]
         start += count
+        pick = np.flatnonzero(keep[idx])
         if not len(pick):
             continue
-        import tensorflow as tf
-
+        rows = idx[pick]
         xs, _ = split.parse(tf.gather(serialized, pick))
         y_int8 = _run_batched(run, xs, split.batch_size)
         state = metric.add(state, stored["y_true"][rows], stored["y_fp32"][rows], y_int8)
-    if start != len(key):
+    if start != len(positions):
         raise RuntimeError(f"shard {index} of the evaluation split changed since its FP32 results were written")
     return state
 
@@ -269,8 +295,8 @@ class _ChunkFn:
         t = self.trial
         return _shared().acquire(lambda: _Holder(load_trial(t)), tag=("trial", t.artifact_dir)).model.run
 
-    def __call__(self, index: int) -> tuple[None, np.ndarray]:
-        return None, chunk_shard(self.split, index, self.fp32_dir, self.metric, self.low, self.high, None, self._load)
+    def __call__(self, index: int) -> tuple[Any, np.ndarray]:
+        return index, chunk_shard(self.split, index, self.fp32_dir, self.metric, self.low, self.high, None, self._load)
 
 
 class _WriteState:
@@ -328,8 +354,6 @@ class ShardedChunks:
     def _ensure_fp32(self) -> None:
         import time
 
-        from apache_beam.io.filesystems import FileSystems
-
         meta = self._meta(self.fp32_dir)
         if meta is not None:
             self.fp32_source = "reused"
@@ -344,14 +368,15 @@ class ShardedChunks:
         self.n = int(meta["n"])
         self.ends = [int(e) for e in meta["ends"]]
         self.cuts = {int(k): int(v) for k, v in meta["cuts"].items()}
-        del FileSystems
 
     def _copy_from(self, directory: str) -> None:
         from apache_beam.io.filesystems import FileSystems
 
-        FileSystems.mkdirs(self.fp32_dir) if not FileSystems.exists(self.fp32_dir) else None
+        if not FileSystems.exists(self.fp32_dir):
+            FileSystems.mkdirs(self.fp32_dir)
         for i in range(len(self.split.shards)):
-            FileSystems.copy([shard_path(directory, i)], [shard_path(self.fp32_dir, i)])
+            FileSystems.copy([shard_path(directory, i), prefix_path(directory, i)],
+                             [shard_path(self.fp32_dir, i), prefix_path(self.fp32_dir, i)])
         FileSystems.copy([os.path.join(directory, META)], [os.path.join(self.fp32_dir, META)])
 
     def _compute_fp32(self) -> dict:
@@ -412,17 +437,46 @@ class ShardedChunks:
         import apache_beam as beam
         from apache_beam.io.filesystems import FileSystems
 
-        out = os.path.join(self.fp32_dir, "..", f"chunk-{uuid.uuid4().hex[:12]}.npz")
-        out = os.path.normpath(out)
-        with self.make_pipeline() as p:
-            _ = (p | "Shards" >> beam.Create(indices, reshuffle=False) | "Spread" >> beam.Reshuffle()
-                 | "Chunk" >> beam.Map(_ChunkFn(self.split, self.fp32_dir, metric, low, high, trial))
-                 | "Gather" >> beam.GroupByKey()
-                 | "Merge" >> beam.CombineValues(PairedStateCombineFn(metric))
-                 | "Write" >> beam.Map(_WriteState(out)))
-        self.pipelines_run += 1
-        if not FileSystems.exists(out):
-            raise RuntimeError("the sharded evaluation wrote no state")
-        state = _load_npz(out)["state"]
-        FileSystems.delete([out])
-        return state
+        out = os.path.normpath(os.path.join(self.fp32_dir, "..", f"chunk-{uuid.uuid4().hex[:12]}"))
+        FileSystems.mkdirs(out)
+        try:
+            with self.make_pipeline() as p:
+                states = (p | "Shards" >> beam.Create(indices, reshuffle=False) | "Spread" >> beam.Reshuffle()
+                          | "Chunk" >> beam.Map(_ChunkFn(self.split, self.fp32_dir, metric, low, high, trial)))
+                if _is_dask(p):
+                    # The DaskRunner's GroupByKey repeats values (states counted many times, seen with
+                    # Beam 2.7x): each shard writes its state, merged below by the same CombineFn.
+                    _ = states | "WriteShard" >> beam.Map(_WriteShardState(out))
+                else:
+                    _ = (states | "OneKey" >> beam.Map(_one_key) | "Gather" >> beam.GroupByKey()
+                         | "Merge" >> beam.CombineValues(PairedStateCombineFn(metric))
+                         | "Write" >> beam.Map(_WriteState(os.path.join(out, "merged.npz"))))
+            self.pipelines_run += 1
+            merged = os.path.join(out, "merged.npz")
+            if FileSystems.exists(merged):
+                return _load_npz(merged)["state"]
+            fn = PairedStateCombineFn(metric)
+            parts = [_load_npz(os.path.join(out, f"state-{i:05d}.npz"))["state"] for i in indices]
+            return fn.extract_output(fn.merge_accumulators(parts))
+        finally:
+            FileSystems.delete([out])
+
+
+def _one_key(keyed: tuple) -> tuple[None, np.ndarray]:
+    return None, keyed[1]  # every shard's state under one key: one merged state
+
+
+def _is_dask(pipeline: Any) -> bool:
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    return "DaskRunner" in str(pipeline.options.view_as(StandardOptions).runner or "") or \
+        "DaskRunner" in type(getattr(pipeline, "runner", None)).__name__
+
+
+class _WriteShardState:
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def __call__(self, keyed) -> None:
+        index, state = keyed
+        _save_npz(os.path.join(self.directory, f"state-{index:05d}.npz"), state=state)
