@@ -122,6 +122,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--confidence", type=float, default=0.99)
     parser.add_argument("--max-drop", type=float, default=0.01, help="the absolute criterion for pass / fail")
     parser.add_argument("--repeat", type=int, default=2, help="full-split passes timed per candidate (best kept)")
+    parser.add_argument("--tf-intra-threads", type=int, default=1,
+                        help="TensorFlow's intra-op threads (parsing, the FP32 model): 1 keeps one worker on "
+                             "about one core, as the ONNX Runtime candidates are (0: TensorFlow's default)")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     rows = 60_000 if args.quick else args.rows
@@ -136,6 +139,10 @@ def main(argv=None) -> dict:
     from nano_tfx.metric_states import state_for
     from nano_tfx.tuning.paired_eval import PairedEvaluation, TrialModel
 
+    if args.tf_intra_threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.tf_intra_threads)
     teacher = _teacher(np.random.default_rng(0))
     data_dir = os.path.join(args.workdir, f"eval_{rows}_{args.files}")
     t0 = time.perf_counter()
@@ -148,6 +155,7 @@ def main(argv=None) -> dict:
     metric = state_for("accuracy")
     options = BackendOptions(thread_num=1)
     results = {"rows": rows, "files": len(files), "running_mode": args.running_mode,
+               "tf_intra_threads": args.tf_intra_threads,
                "beam_min_rows": beam_min_rows, "confidence": args.confidence, "workers": {}}
 
     borderline_crit = None
