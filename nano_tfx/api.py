@@ -26,7 +26,7 @@ from nano_tfx.result import QuantizedModel
 from nano_tfx.speed import CallPath, DEFAULT_BUDGET_S, check_min_speedup, engine_fp32_variant, side_by_side
 from nano_tfx.tuning.runner import LocalRunner, TrialJob, TrialRunner, engine_fp32, job_diagnoser
 from nano_tfx.tuning.ladder import RUNGS, LadderPlan, bf16_fallback_rungs, ladder_rows, plan_ladder
-from nano_tfx.tuning.paired_eval import EVALUATIONS, PairedEvaluation
+from nano_tfx.tuning.paired_eval import EVALUATIONS, PairedEvaluation, TrialModel
 from nano_tfx.tuning.strategies import PUBLIC_STRATEGIES, STRATEGIES
 from nano_tfx.tuning.tuner import Budget, tune
 
@@ -364,7 +364,9 @@ def _quantize(model, request, plan, data, y, evaluator, eval_dataset, inputs, ou
         baseline = measure_baseline(evaluator, source, evaluation, reference)
     paired = None
     if request.trial_evaluation == "sequential":  # FP32 once; trials decided on as few examples as needed
-        paired = PairedEvaluation.make(evaluator, evaluation, reference.run, request.criterion, request.confidence)
+        # the trial runner may bring its own evaluator of chunks (the Quantizer's sharded Beam one)
+        paired = PairedEvaluation.make(evaluator, evaluation, reference.run, request.criterion, request.confidence,
+                                       chunks=getattr(trial_runner, "paired_chunks", None))
     timing_inputs = _timing_inputs(calib, evaluation)
     pairs = plan.pairs
     report = Report(
@@ -407,7 +409,7 @@ def _quantize(model, request, plan, data, y, evaluator, eval_dataset, inputs, ou
     if ladder:
         report.ladder = ladder_rows(report, outcomes, chosen_outcome, plan.skipped + ladder_extra)
     if chosen_outcome is not None and paired is not None and not _confirm_on_full_split(
-            chosen_outcome, report, evaluator, evaluation, reference):
+            chosen_outcome, report, evaluator, evaluation, reference, paired):
         fallback, chosen_outcome = chosen_outcome, None
     report.min_speedup = request.min_speedup
     too_slow = _too_slow(report, request, chosen_outcome, baseline)
@@ -448,15 +450,21 @@ def _quantize(model, request, plan, data, y, evaluator, eval_dataset, inputs, ou
 
 
 def _confirm_on_full_split(outcome: Any, report: Report, evaluator: Any, evaluation: Any,
-                           reference: QuantizedModel) -> bool:
+                           reference: QuantizedModel, paired: PairedEvaluation | None = None) -> bool:
     """``trial_evaluation='sequential'``: the chosen model's metric on the whole split, once (what the
     report, the blessing and the Evaluator's bounds use), judged exactly. An early pass is a
     ``confidence`` decision: when the exact one disagrees, nothing is chosen."""
     record = report.trials[outcome.chosen_index]
     if not record.sequential or record.sequential.get("decided") != "early-pass":
         return True
-    model = QuantizedModel(outcome.candidate, reference)
-    record.metric = evaluator.evaluate(outcome.candidate.run, evaluation, model=model)
+    if paired is not None and paired.needs_artifact and record.artifact_dir:
+        # sharded out of process (the Quantizer's Beam evaluator): one pass over the whole split
+        record.metric = paired.whole_split_metric(TrialModel(
+            run=outcome.candidate.run, artifact_dir=record.artifact_dir, backend=outcome.job.backend,
+            options=outcome.job.options))
+    else:
+        model = QuantizedModel(outcome.candidate, reference)
+        record.metric = evaluator.evaluate(outcome.candidate.run, evaluation, model=model)
     record.evaluations = (record.evaluations or 0) + 1
     crit = report.criterion and AccuracyCriterion.parse(report.criterion)
     record.passed = bool(crit and crit.met(report.baseline, record.metric))

@@ -18,6 +18,8 @@ TFX_KEYS = {
     "blessed", "blessing_message", "int8_metric", "seconds",
     "engine_fp32_latency_ms", "int8_gain",  # issue 20: speed vs the same engine's FP32
     "result_precision",  # issue 20: what the blessed model runs in (precision='auto' picks a rung)
+    # issue 19: the sharded sequential evaluation
+    "evaluation_mode", "evaluation_shards", "fp32_results", "fp32_results_dir", "evaluation_pipelines",
 }
 CRITERION = {"relative": 0.01, "higher_is_better": True}
 

@@ -25,7 +25,7 @@ import uuid
 from typing import Any, Callable, Sequence
 
 from nano_tfx.backends.base import TrialConfig
-from nano_tfx.tuning.runner import TrialJob, TrialResult, TrialRunner, run_trial
+from nano_tfx.tuning.runner import TrialJob, TrialResult, TrialRunner, evaluate_trial, run_trial
 
 log = logging.getLogger("nano_tfx")
 
@@ -108,6 +108,19 @@ def default_parallelism(beam_pipeline_args: Sequence[str]) -> int:
     return 1
 
 
+def evaluation_mode(beam_pipeline_args: Sequence[str]) -> str:
+    """Where the sharded evaluation's chunks run: ``'in-process'`` on the local DirectRunner with
+    one worker (or in_memory mode: a pipeline would add only its start-up), else ``'beam'``."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    if not is_local_direct(beam_pipeline_args):
+        return "beam"
+    direct = _options(beam_pipeline_args).view_as(DirectOptions)
+    if direct.direct_running_mode not in ("multi_processing", "multi_threading"):
+        return "in-process"
+    return "beam" if default_parallelism(beam_pipeline_args) > 1 else "in-process"
+
+
 def with_runner_defaults(beam_pipeline_args: Sequence[str]) -> list[str]:
     """One trial per Dask partition (Dask's default packs 128 elements per partition)."""
     args = list(beam_pipeline_args)
@@ -141,6 +154,7 @@ class BeamTrialRunner(TrialRunner):
         make_pipeline: Callable[[], Any] | None = None,
         parallelism: int | None = None,
         in_process: bool | None = None,
+        sharded_evaluation: Callable[..., Any] | None = None,
     ):
         import tempfile
 
@@ -151,6 +165,20 @@ class BeamTrialRunner(TrialRunner):
         self.make_pipeline = make_pipeline
         self.parallelism = parallelism or (1 if self.in_process else default_parallelism(self.beam_pipeline_args))
         self.batches_run = 0
+        self.sharded_evaluation = sharded_evaluation
+        self.evaluation_mode = evaluation_mode(self.beam_pipeline_args)
+        self.chunks = None  # the ShardedChunks of this run, once built
+
+    def paired_chunks(self, metric: Any, evaluation: Any, reference: Any) -> Any:
+        """The evaluator of ``trial_evaluation='sequential'`` (``PairedEvaluation.make``'s
+        ``chunks``): ``sharded_evaluation(mode=, make_pipeline=, reference=)`` — the Quantizer's
+        ``ShardedChunks`` — or None (chunks in this process over ``evaluation``)."""
+        del metric, evaluation
+        if self.sharded_evaluation is None:
+            return None
+        self.chunks = self.sharded_evaluation(mode=self.evaluation_mode, make_pipeline=self._pipeline,
+                                              reference=reference)
+        return self.chunks
 
     @property
     def description(self) -> str:
@@ -177,6 +205,10 @@ class BeamTrialRunner(TrialRunner):
         out_dir = FileSystems.join(self.results_dir, f"batch-{self.batches_run:04d}-{uuid.uuid4().hex[:8]}")
         FileSystems.mkdirs(out_dir)
         self.batches_run += 1
+        # A sequential evaluation that is itself Beam work runs from here, not nested in a worker:
+        # workers build, check, time and save each trial; the driver then evaluates the saved ones.
+        deferred = job.sequential is not None and job.evaluator is not None
+        worker_job = dataclasses.replace(job, sequential=None, defer_evaluation=True) if deferred else job
         items = [(i, c.to_dict()) for i, c in enumerate(configs)]
         log.info("nano-tfx: %d trial(s) as Beam work on %s", len(items), runner_name(self.beam_pipeline_args))
         with self._pipeline() as p:
@@ -184,7 +216,7 @@ class BeamTrialRunner(TrialRunner):
                 p
                 | "Configs" >> beam.Create(items, reshuffle=False)
                 | "Spread" >> beam.Reshuffle()
-                | "RunTrial" >> beam.Map(_RunAndWrite(job, out_dir))
+                | "RunTrial" >> beam.Map(_RunAndWrite(worker_job, out_dir))
             )
         results = []
         for i, config in enumerate(configs):
@@ -195,5 +227,19 @@ class BeamTrialRunner(TrialRunner):
             with FileSystems.open(path) as f:
                 result = pickle.loads(f.read())
             result.config = config  # the proposer's object (identity matters to the tuner)
+            if deferred and not result.failed:
+                result = _evaluate_here(job, result)
             results.append(result)
         return results
+
+
+def _evaluate_here(job: TrialJob, result: TrialResult) -> TrialResult:
+    """The driver's half of a deferred trial: its (sharded) sequential evaluation."""
+    try:
+        evaluate_trial(job, result, None)
+        return result
+    except Exception as err:  # noqa: BLE001 - a failed evaluation is a failed trial, as in run_trial
+        failed = TrialResult.failure(result.config, err)
+        failed.seconds, failed.worker, failed.artifact_dir = result.seconds, result.worker, result.artifact_dir
+        log.warning("nano-tfx: trial %s: evaluation failed: %s", result.config.key(), failed.error)
+        return failed

@@ -65,6 +65,12 @@ class QuantizerDecision:
     # who ran the trials
     trial_parallelism: Optional[int] = None
     tuning_runner: Optional[str] = None
+    # trial_evaluation='sequential': the sharded evaluator (components/quantizer/sharded_eval.py)
+    evaluation_mode: Optional[str] = None  # "in-process" | "beam": where chunks of trials run
+    evaluation_shards: Optional[int] = None
+    fp32_results: Optional[str] = None  # "computed" | "reused" | "reused from <previous run>"
+    fp32_results_dir: Optional[str] = None
+    evaluation_pipelines: Optional[int] = None  # Beam pipelines the evaluation ran
     # outcome
     speedup: Optional[float] = None  # the report's side-by-side speed-up of the returned model
     fp32_latency_ms: Optional[float] = None

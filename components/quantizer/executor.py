@@ -33,7 +33,7 @@ import nano_tfx
 from nano_tfx.api import fingerprint
 from components.quantizer import serving
 from components.quantizer.artifacts import REPORT_HTML, REPORT_JSON
-from components.quantizer.beam_runner import BeamTrialRunner, with_runner_defaults, runner_name
+from components.quantizer.beam_runner import BeamTrialRunner, default_parallelism, with_runner_defaults, runner_name
 from components.quantizer.decision import QuantizerDecision, bounds_text, report_html
 from components.quantizer.served_timing import read_raw_examples, served_call_path
 from components.quantizer.keys import (
@@ -59,6 +59,7 @@ from nano_tfx.interchange import export_signature_as_default
 BLESSED_FILE = "BLESSED"
 NOT_BLESSED_FILE = "NOT_BLESSED"
 DEFAULT_EVAL_BATCH = 32
+DEFAULT_SHARD_BATCH = 1024  # rows per inference call in the sharded evaluation
 
 
 def _single(input_dict: Dict[str, List[types.Artifact]], key: str) -> Optional[types.Artifact]:
@@ -220,6 +221,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             quantize_from, signature_name, os.path.join(tmp_dir, "quantizable_model"))
         fp32_fingerprint = fingerprint(model_path)
         decision.fp32_fingerprint = fp32_fingerprint
+        eval_digest = _file_digest(eval_source.files())
         request_key = self._request_key(
             fp32_fingerprint, signature_name, accelerator, precision, metric_name, baseline, criterion, label_key,
             # Left out: what bounds or judges the search, not what a trial computes (reused trials
@@ -227,7 +229,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             sample_size, batch_size,
             {k: v for k, v in exec_properties.items() if k not in ("min_speedup", "max_trials", "timeout")},
             _file_digest([sample_path]),
-            _file_digest(eval_source.files()),
+            eval_digest,
         )
         decision.request_key = request_key
         previous_report = self._previous_report(previous, request_key, decision)
@@ -240,6 +242,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             results_dir=os.path.join(tmp_dir, "trial_results"),
             artifact_root=os.path.join(report_artifact.uri, "trials"),
             make_pipeline=self._make_beam_pipeline_fn,
+            sharded_evaluation=self._sharded_evaluation(
+                exec_properties, quantizable, eval_source, fp32_fingerprint + eval_digest,
+                report_artifact, previous),
         )
         decision.trial_parallelism, decision.tuning_runner = runner.parallelism, runner.description
         raw_bar = exec_properties.get("min_speedup")
@@ -263,6 +268,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         except nano_tfx.AccuracyCriterionNotMet as err:
             quantized, met, err_seen = err.best_model, False, err
         decision.judge(quantized.report, met, speed_refused=isinstance(err_seen, nano_tfx.SpeedupNotMet))
+        if runner.chunks is not None:
+            decision.evaluation_mode, decision.evaluation_shards = runner.chunks.mode, len(runner.chunks.split.shards)
+            decision.fp32_results, decision.fp32_results_dir = runner.chunks.fp32_source, runner.chunks.fp32_dir
+            decision.evaluation_pipelines = runner.chunks.pipelines_run
 
         # 5. Outputs ------------------------------------------------------------------------
         decision.backend, decision.serving_dir, decision.raw_parse_keys = self._write_model(
@@ -270,6 +279,30 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         self._finish(out_model, blessing, report_artifact, quantized.report, decision, started)
 
     # -- steps ---------------------------------------------------------------------------------
+    def _sharded_evaluation(self, exec_properties: Dict[str, Any], quantizable: str,
+                            eval_source: TransformedExamplesSource, fingerprint_: str,
+                            report_artifact: types.Artifact, previous: Optional[types.Artifact]):
+        """``trial_evaluation='sequential'``: the factory of this run's ``ShardedChunks`` (FP32 once,
+        kept in the report artifact's ``fp32_eval/`` and reused from ``previous_report``'s), or None."""
+        if (exec_properties.get("trial_evaluation") or "full") != "sequential" or eval_source.label is None:
+            return None
+        from components.quantizer.sharded_eval import FP32_DIR, ShardedChunks, ShardedSplit
+        from nano_tfx.interchange import describe_saved_model
+
+        source = describe_saved_model(quantizable, "serving_default")
+        workers = default_parallelism(self._beam_pipeline_args)
+        split = ShardedSplit.plan(eval_source.files(), eval_source.features, eval_source.label, source.input_names,
+                                  min_shards=2 * workers if workers > 1 else 1,
+                                  batch_size=exec_properties.get("batch_size") or DEFAULT_SHARD_BATCH)
+        fp32_dir = os.path.join(report_artifact.uri, FP32_DIR)
+        previous_dir = os.path.join(previous.uri, FP32_DIR) if previous is not None else None
+
+        def build(mode: str, make_pipeline, reference):
+            return ShardedChunks(split, source, fingerprint_, fp32_dir, previous_dir, mode=mode,
+                                 make_pipeline=make_pipeline, reference=reference)
+
+        return build
+
     def _sampling_pipeline(self):
         """The executor's Beam pipeline (its args, or the context's factory in tests)."""
         if self._make_beam_pipeline_fn is not None:

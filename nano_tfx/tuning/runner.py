@@ -53,6 +53,9 @@ class TrialJob:
     min_speedup: float | None = None
     workdir: str | None = None
     sequential: Any = None  # nano_tfx.tuning.paired_eval.PairedEvaluation: trial_evaluation='sequential'
+    # Build, check, time and save the trial, but leave its evaluation to the caller
+    # (``evaluate_trial``): a trial running as Beam work whose evaluation is itself Beam work.
+    defer_evaluation: bool = False
 
 
 @dataclass
@@ -295,6 +298,35 @@ def _int8_ops(job: TrialJob, candidate: Candidate) -> dict[str, list[int]] | Non
         return None
 
 
+def _save_trial(job: TrialJob, config: TrialConfig, candidate: Candidate, result: TrialResult) -> None:
+    out = os.path.join(job.artifact_root, trial_dir_name(config, job.backend, job.precision))
+    write_model_dir(out, candidate, job.source.inputs, job.source.outputs, config, job.backend)
+    result.artifact_dir = out
+
+
+def evaluate_trial(job: TrialJob, result: TrialResult, candidate: Candidate | None) -> None:
+    """The trial's metric and pass/fail into ``result``: sequentially (``job.sequential``) or on the
+    full split. ``candidate`` None: a sequential evaluator that loads the saved trial
+    (``result.artifact_dir``) where it runs — the driver's half of ``defer_evaluation``."""
+    result.evaluations += 1
+    if job.sequential is not None:  # decided on as few examples as the criterion needs
+        from nano_tfx.tuning.paired_eval import TrialModel
+
+        trial = TrialModel(run=candidate.run if candidate is not None else None, artifact_dir=result.artifact_dir,
+                           backend=job.backend, options=job.options)
+        metric, record = job.sequential.evaluate(trial)
+        result.metric, result.sequential = metric, record.to_dict()
+    else:
+        model = QuantizedModel(candidate, job.source)
+        result.metric = job.evaluator.evaluate(candidate.run, job.evaluation, model=model)
+    if not np.isfinite(result.metric):
+        raise GarbageModelError(f"{job.evaluator.name} is {result.metric} on this candidate")
+    if job.sequential is not None:
+        result.passed = result.sequential["verdict"] == "pass"
+    elif job.criterion is not None and job.baseline is not None:
+        result.passed = job.criterion.met(job.baseline, result.metric)
+
+
 def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
     """Quantize with ``config``, check, evaluate, time, optionally save. Failures become data."""
     start = time.perf_counter()
@@ -306,28 +338,16 @@ def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
         check_outputs(job, candidate)
         result = TrialResult(config, candidate=candidate, evaluations=ctx.evaluations if ctx else 0)
         result.int8_ops = _int8_ops(job, candidate)
-        if job.evaluator is not None:
-            result.evaluations += 1
-            if job.sequential is not None:  # decided on as few examples as the criterion needs
-                metric, record = job.sequential.evaluate(candidate.run)
-                result.metric, result.sequential = metric, record.to_dict()
-            else:
-                model = QuantizedModel(candidate, job.source)
-                result.metric = job.evaluator.evaluate(candidate.run, job.evaluation, model=model)
-            if not np.isfinite(result.metric):
-                raise GarbageModelError(f"{job.evaluator.name} is {result.metric} on this candidate")
-            if job.sequential is not None:
-                result.passed = result.sequential["verdict"] == "pass"
-            elif job.criterion is not None and job.baseline is not None:
-                result.passed = job.criterion.met(job.baseline, result.metric)
+        if job.sequential is not None and job.sequential.needs_artifact and job.artifact_root:
+            _save_trial(job, config, candidate, result)  # sharded evaluation: workers load it from there
+        if job.evaluator is not None and not job.defer_evaluation:
+            evaluate_trial(job, result, candidate)
         if job.want_mse and job.evaluation is not None:
             result.output_mse = _output_mse(job, candidate)
         if job.measure_latency and job.calibration is not None:
             _time_trial(job, candidate, next(iter(job.calibration)), result)
-        if job.artifact_root:
-            out = os.path.join(job.artifact_root, trial_dir_name(config, job.backend, job.precision))
-            write_model_dir(out, candidate, job.source.inputs, job.source.outputs, config, job.backend)
-            result.artifact_dir = out
+        if job.artifact_root and result.artifact_dir is None:
+            _save_trial(job, config, candidate, result)
         result.size_bytes = candidate.size_bytes(result.artifact_dir)
     except Exception as err:  # a failed trial is a recorded outcome, not a crash of the run
         result = TrialResult.failure(config, err)
