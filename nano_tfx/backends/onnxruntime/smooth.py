@@ -100,9 +100,12 @@ def _fold(model):
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, list] = {}
     for n in graph.node:
+        if n.op_type == "Shape":  # reads the shape only, which folding leaves alone
+            continue
         for i in n.input:
             readers.setdefault(i, []).append(n)
     last_dim = _last_dims(model)
+    normalized = _normalized_inputs(model)
 
     def passes(node) -> bool:
         if node.op_type in _AFFINE_OPS:
@@ -124,14 +127,14 @@ def _fold(model):
             for node in frontier:
                 if node.name in seen or not passes(node):
                     continue
-                if any(len(readers.get(o, [])) != 1 for o in node.output):
-                    exclusive = False  # the constants also feed another tensor
+                if node.op_type == "Reshape" and len(readers.get(node.input[0], [])) != 1:
+                    exclusive = False  # the LayerNorm also feeds another smoothed tensor
                 seen.add(node.name)
                 for i in node.input[:1] if node.op_type == "Reshape" else node.input:
                     if i in inits and numpy_helper.to_array(inits[i]).shape[-1:] == factor.shape:
                         found.append(i)
                         gamma = gamma or node.op_type == "Mul"
-                    elif i in producer:
+                    elif i in producer and i not in normalized:
                         nxt.append(producer[i])
             frontier = nxt
         if not gamma or not exclusive or any(len(readers.get(i, [])) != 1 for i in found):
@@ -146,6 +149,14 @@ def _fold(model):
         graph.node.remove(mul)
         folded += 1
     return model, folded
+
+
+def _normalized_inputs(model) -> set[str]:
+    """Tensors a normalization takes statistics of (a LayerNorm's input): the walk from its
+    output back to its gamma/beta stops there, or it would fold into the layer before it."""
+    stats = ("ReduceMean", "GlobalAveragePool", "BatchNormalization", "MeanVarianceNormalization",
+             "LayerNormalization")
+    return {i for n in model.graph.node if n.op_type in stats for i in n.input[:1]}
 
 
 def _last_dims(model) -> dict[str, int]:
@@ -163,6 +174,7 @@ def _last_dims(model) -> dict[str, int]:
 def _keep_fp32(model) -> list[str]:
     """The smoothing Muls and the nodes computing their inputs, back to ``_DEPTH`` affine ops."""
     producer = {o: n for n in model.graph.node for o in n.output}
+    normalized = _normalized_inputs(model)
     keep = []
     for mul in _smooth_muls(model):
         keep.append(mul.name)
@@ -173,6 +185,6 @@ def _keep_fp32(model) -> list[str]:
                 if node.op_type in _AFFINE_OPS or node.op_type == "Reshape":
                     keep.append(node.name)
                     ins = node.input[:1] if node.op_type == "Reshape" else node.input
-                    nxt += [producer[i] for i in ins if i in producer]
+                    nxt += [producer[i] for i in ins if i in producer and i not in normalized]
             frontier = nxt
     return list(dict.fromkeys(keep))
