@@ -377,7 +377,8 @@ class OpenVINOBackend(Backend):
             # NNCF's own transformer preset, MIXED: with PERFORMANCE (symmetric activations) the
             # smoothed outlier encoder of tests/test_smoothquant.py collapsed to 0.05 accuracy
             knobs[SMOOTH_QUANT] = (None, *SMOOTH_QUANT_ALPHAS)
-            smoothing = [{SMOOTH_QUANT: a, "preset": "mixed"} for a in SMOOTH_QUANT_ALPHAS]
+            implied = {"model_type": "transformer"} if prepared.has_attention else {}  # reads as what runs
+            smoothing = [{SMOOTH_QUANT: a, "preset": "mixed", **implied} for a in SMOOTH_QUANT_ALPHAS]
         # Decision (issue 12): the default strategy's shared, diagnosis-driven ranking replaces
         # NNCF's in-trial accuracy control (which re-evaluates the metric once per reverted
         # group); the knob stays in the space for exhaustive/random/bayesian and explicit use.
