@@ -13,6 +13,7 @@ logit leads the runner-up by a margin, so FP32 scores 1.0 and only a real quanti
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import numpy as np
@@ -96,3 +97,25 @@ def labelled(model, n: int, seed: int, keep: float = 0.7):
     order = np.argsort(-(top2[:, 1] - top2[:, 0]), kind="stable")[:n]
     order.sort()
     return x[order], probs[order].argmax(-1).astype("int64")
+
+
+@contextlib.contextmanager
+def smoothing_off(backends=("inc", "onnxruntime", "openvino")):
+    """The backends' search spaces without the ``smooth_quant`` knob (what they were before
+    SmoothQuant): for comparisons, and for tests of the FP32-fallback mechanics on models with
+    outlier channels, which SmoothQuant would otherwise fix first."""
+    import pytest
+
+    from nano_tfx.backends.base import SMOOTH_QUANT, SearchSpace, backend_class
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in backends:
+            cls = backend_class(name)
+
+            def search_space(self, prepared, precision, approach, _original=cls.search_space):
+                space = _original(self, prepared, precision, approach)
+                knobs = {k: v for k, v in space.knobs.items() if k != SMOOTH_QUANT}
+                return SearchSpace(knobs, space.fallback_candidates, space.guided, space.refinements)
+
+            mp.setattr(cls, "search_space", search_space)
+        yield

@@ -16,7 +16,7 @@ import nano_tfx
 from nano_tfx.backends.base import SMOOTH_QUANT, SearchSpace, TrialConfig, backend_class, smoothing_text
 from nano_tfx.errors import AccuracyCriterionNotMet
 from nano_tfx.tuning.strategies import OUTLIER_CHANNEL_RATIO, BasicStrategy, has_outlier_channels
-from outlier_encoder import features, labelled, outlier_encoder
+from outlier_encoder import features, labelled, outlier_encoder, smoothing_off
 
 EXTENDED = os.environ.get("NANO_TFX_EXTENDED") == "1"
 CRITERION = {"relative": 0.01, "higher_is_better": True}
@@ -100,26 +100,13 @@ def test_outlier_encoder_meets_1pct_with_smoothing_and_no_fp32_layer(encoders, f
     assert report.int8_ops["MatMul"][0] >= 8, report.int8_ops
 
 
-def _without_smoothing(monkeypatch, backend: str) -> None:
-    """The backend's search space minus the ``smooth_quant`` knob (the pre-SmoothQuant space)."""
-    cls = backend_class(backend)
-    original = cls.search_space
-
-    def search_space(self, prepared, precision, approach):
-        space = original(self, prepared, precision, approach)
-        knobs = {k: v for k, v in space.knobs.items() if k != SMOOTH_QUANT}
-        return SearchSpace(knobs, space.fallback_candidates, space.guided, space.refinements)
-
-    monkeypatch.setattr(cls, "search_space", search_space)
-
-
 @pytest.mark.parametrize("backend", [
     "onnxruntime", *(b if EXTENDED else pytest.param(b, marks=pytest.mark.skip(reason="NANO_TFX_EXTENDED=1"))
                      for b in ("openvino", "inc"))])
-def test_without_smoothing_fallback_needs_fp32_layers(encoders, backend, monkeypatch):
+def test_without_smoothing_fallback_needs_fp32_layers(encoders, backend):
     model, calib, evaluation = encoders("keras3")
-    _without_smoothing(monkeypatch, backend)
-    report = _quantize(model, BACKENDS[backend], calib, evaluation, max_trials=4)
+    with smoothing_off((backend,)):
+        report = _quantize(model, BACKENDS[backend], calib, evaluation, max_trials=4)
     assert all(t.config["knobs"].get(SMOOTH_QUANT) is None for t in report.trials)
     # fallback alone: the criterion missed, or met only with layers in FP32 (smoothing: none)
     assert not report.met or report.chosen_trial.config["fallback"], report.table()
