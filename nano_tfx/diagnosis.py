@@ -57,6 +57,7 @@ class _Acc:
         self.lo, self.hi = math.inf, -math.inf
         self.sample: list[np.ndarray] = []
         self.kept = 0
+        self.channel_max: np.ndarray | None = None  # per last-axis channel max |x| of the FP32 input
 
     def add(self, ref_in, q_in, ref_out, q_out) -> None:
         ref_out = np.asarray(ref_out, np.float64).ravel()
@@ -69,6 +70,7 @@ class _Acc:
         self.count += int(good.sum())
         if ref_in is None or q_in is None:
             return
+        self._channels(ref_in)
         ref_in = np.asarray(ref_in, np.float64).ravel()
         q_in = np.asarray(q_in, np.float64).ravel()
         if ref_in.shape != q_in.shape:
@@ -82,6 +84,16 @@ class _Acc:
             part = np.abs(ref_in[ok][: _SAMPLE - self.kept])
             self.sample.append(part)
             self.kept += part.size
+
+    def _channels(self, ref_in) -> None:
+        a = np.asarray(ref_in)
+        if a.ndim < 2 or a.shape[-1] < 8 or a.dtype.kind != "f":
+            return
+        top = np.nan_to_num(np.abs(a.reshape(-1, a.shape[-1])).max(axis=0), nan=0.0, posinf=0.0)
+        if self.channel_max is None:
+            self.channel_max = top
+        elif self.channel_max.shape == top.shape:
+            self.channel_max = np.maximum(self.channel_max, top)
 
     def row(self, name: str, op: str | None) -> dict:
         out_db = sqnr_db(self.sig, self.noise)
@@ -100,6 +112,10 @@ class _Acc:
             med = float(np.median(nonzero)) if nonzero.size else 0.0
             spread = round(float(mags.max()) / med, 1) if med > 0 else None
         added = mse - in_mse
+        channel = None
+        if self.channel_max is not None:
+            med = float(np.median(self.channel_max))
+            channel = round(float(self.channel_max.max()) / med, 1) if med > 0 else None
         return {
             "name": name,
             "op": op,
@@ -115,6 +131,9 @@ class _Acc:
             "fp32_max": None if self.hi == -math.inf else self.hi,
             "outlier_ratio": outlier,  # max |x| / 99.9th percentile |x| of the FP32 input
             "range_ratio": spread,  # max |x| / median non-zero |x| of the FP32 input
+            # largest / median per-channel max |x| of the FP32 input (channels: its last axis):
+            # activation outlier channels, what SmoothQuant moves into the weights
+            "channel_ratio": channel,
         }
 
 

@@ -151,6 +151,15 @@ class Report:
         return f"{head}; above it: {why}"
 
     @property
+    def smoothing(self) -> str | None:
+        """The SmoothQuant the chosen trial applied (None also when no trial was chosen), e.g. "SmoothQuant alpha=0.5 (INC TensorFlow
+        smooth_quant recipe)"; None: no smoothing. In ``to_dict``/JSON as "smoothing"."""
+        from nano_tfx.backends.base import smoothing_text
+
+        trial = self.chosen_trial
+        return None if trial is None else smoothing_text(trial.config, trial.backend)
+
+    @property
     def chosen_trial(self) -> TrialRecord | None:
         return None if self.chosen is None else self.trials[self.chosen]
 
@@ -162,7 +171,7 @@ class Report:
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "smoothing": self.smoothing}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, default=str)
@@ -223,6 +232,8 @@ class Report:
         coverage = self.int8_coverage_text()
         if coverage:
             summary += f"; {coverage}"
+        if self.smoothing:
+            summary += f"; {self.smoothing}"
         ladder = []
         if self.ladder:  # precision='auto': rung by rung, before the trials they ran
             ladder = ["precision ladder (rung, backend, status, why, batch-1 ms):"]

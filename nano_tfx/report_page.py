@@ -79,6 +79,8 @@ def summary_rows(report: "Report") -> list[tuple[str, str]]:
             "the returned model and FP32"
         speed += f" (batch 1; {timed} timed side by side at the end of the call)"
     rows.append(("Speed", speed))
+    if report.smoothing:
+        rows.append(("Smoothing", report.smoothing))
     coverage = report.int8_coverage_text()
     if coverage:  # ops counted in the returned model's graph: "INT8" that is mostly FP32 shows here
         rows.append(("INT8 coverage", coverage))

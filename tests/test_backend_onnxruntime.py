@@ -136,8 +136,9 @@ def test_search_space_defaults(keras3_setup):
     assert len(space.fallback_candidates) == 4
     weighted = prepared.quantizable(("Conv", "MatMul", "Gemm"))
     assert list(space.fallback_candidates[:2]) == [weighted[0], weighted[-1]]
-    for values in space.knobs.values():  # JSON-friendly
-        assert all(isinstance(v, (str, bool)) for v in values)
+    for values in space.knobs.values():  # JSON-friendly (smooth_quant: None = off, or an alpha)
+        assert all(v is None or isinstance(v, (str, bool, float)) for v in values)
+    assert space.knobs["smooth_quant"][0] is None  # SmoothQuant is off by default
 
 
 def test_static_int8_default_accuracy(keras3_setup, digits):

@@ -26,6 +26,42 @@ FALLBACK_PRECISION = "fallback_precision"
 INT8_BF16 = "int8+bf16"
 
 
+#: SmoothQuant (a TrialConfig knob of static INT8 trials): the alpha of the per-input-channel
+#: smoothing applied before calibration (activation / s, weight row * s with
+#: s = max|x|^alpha / max|w|^(1 - alpha)), or None: no smoothing. Each backend applies its own
+#: library's implementation (``SMOOTHING_BY``).
+SMOOTH_QUANT = "smooth_quant"
+#: whose SmoothQuant each backend applies (what the report names)
+SMOOTHING_BY = {
+    "onnxruntime": "neural-compressor ORTSmoothQuant via onnxruntime.quantization extra_options",
+    "openvino": "NNCF SmoothQuant (ModelType.TRANSFORMER, smooth_quant_alphas.matmul)",
+    "inc": "INC TensorFlow smooth_quant recipe",
+}
+
+
+def smooth_quant_alpha(config: "TrialConfig") -> float | None:
+    """The config's SmoothQuant alpha, None when smoothing is off; a clear error otherwise."""
+    value = config.knob(SMOOTH_QUANT)
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{SMOOTH_QUANT}: expected None (off) or an alpha in [0, 1], got {value!r}")
+    return float(value)
+
+
+def smoothing_text(config: Mapping[str, Any] | "TrialConfig" | None, backend: str | None) -> str | None:
+    """"SmoothQuant alpha=0.5 (<library>)" for a trial config (``TrialConfig`` or its dict), None
+    when it applied no smoothing."""
+    if config is None:
+        return None
+    knobs = dict(config.knobs) if isinstance(config, TrialConfig) else dict(config.get("knobs") or {})
+    alpha = knobs.get(SMOOTH_QUANT)
+    if alpha is None or alpha is False:
+        return None
+    by = SMOOTHING_BY.get(backend or "")
+    return f"SmoothQuant alpha={alpha:g}" + (f" ({by})" if by else "")
+
+
 def trial_precision(precision: str, config: "TrialConfig") -> str:
     """What a trial of ``precision`` with ``config`` runs in: "int8+bf16" for an INT8 trial whose
     fallback layers run in BF16, else ``precision`` (the label in reports and manifests)."""
@@ -79,6 +115,10 @@ class SearchSpace:
     #: the error every layer adds a little of, which a finer setting (8-bit weights, exact
     #: activation ranges) removes everywhere at once and a further FP32 layer only locally
     refinements: Sequence[Mapping[str, Any]] = ()
+    #: knob changes (SmoothQuant alphas, mildest first) the default strategy tries on the fully
+    #: quantized config as soon as it misses and its diagnosis shows activation outlier
+    #: channels, before any layer goes to FP32: smoothing fixes every outlier-fed layer at once
+    smoothing: Sequence[Mapping[str, Any]] = ()
 
     def default(self) -> TrialConfig:
         return TrialConfig.make({k: v[0] for k, v in self.knobs.items() if v})

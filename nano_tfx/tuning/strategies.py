@@ -74,6 +74,15 @@ class BasicStrategy(Strategy):
     the culprit still quantized, exact ranges can wipe a whole layer (1000x outlier channel).
     The remaining single-knob variants come last.
 
+    SmoothQuant before fallback: when the fully quantized trial misses and its diagnosis shows
+    activation outlier channels (a MatMul input whose largest per-channel max |x| is
+    ``OUTLIER_CHANNEL_RATIO`` times the median channel's), the space's ``smoothing`` changes
+    (SmoothQuant alphas) are tried on the fully quantized config first, the next one only after
+    one that helped without meeting the criterion: smoothing fixes every outlier-fed layer at
+    once, where fallback takes them to FP32 one by one. A smoothing that helped is kept (later
+    steps build on the best config); without outlier channels smoothing is left to the knob
+    variants at the end (it costs an FP32 Mul per smoothed tensor where it can't be folded).
+
     ``SearchSpace.guided`` knob values replace the defaults for this strategy (OpenVINO turns
     NNCF's in-trial accuracy control off: the shared ranking replaces it)."""
 
@@ -90,6 +99,8 @@ class BasicStrategy(Strategy):
         # the tuner credits as a whole) the diagnosis that picked it tells its layers apart
         self.picked: list[str] = []
         self._refinements_left = [dict(r) for r in space.refinements]
+        self.outliers = False  # the first diagnosis saw activation outlier channels
+        self.smoothing: set[str] = set()  # keys of smoothing trials (never diagnosed)
         self.target: float | None = None  # the criterion's bound, in score units
         self.noise = 0.0  # a gain at or below it is not evidence that a step helped
 
@@ -105,8 +116,10 @@ class BasicStrategy(Strategy):
         if not history:
             return None
         last, score = history[-1]
-        if last.key() in self.diagnosed or last.key() in self.refined:
-            return None  # a refinement changes every layer a little: the ranking stands
+        if last.key() in self.diagnosed or last.key() in self.refined or last.key() in self.smoothing:
+            # a refinement changes every layer a little, a smoothing every smoothed layer's input
+            # (no longer comparable with FP32's): the ranking stands
+            return None
         if self.ranking is None:
             return last
         # A step that won back half the loss leaves a ranking worth following. After a smaller
@@ -140,6 +153,8 @@ class BasicStrategy(Strategy):
                 self.ranking = list(self.space.fallback_candidates)
             return
         allowed = set(self.space.fallback_candidates)
+        if len(self.diagnosed) == 1:
+            self.outliers = has_outlier_channels(layers)
         for row in layers:
             self.reasons.setdefault(row["name"], row)
             self.groups.setdefault(row["name"], [n for n in row.get("fallback") or [row["name"]]])
@@ -162,6 +177,24 @@ class BasicStrategy(Strategy):
                 self.refined.add(cfg.key())
                 return cfg
         return None
+
+    def _smoothing(self, history: History, base: dict) -> Iterator[TrialConfig]:
+        """The space's smoothing changes on the fully quantized config, in order, while each one
+        tried helped (see the class doc); nothing without outlier channels."""
+        if not self.outliers:
+            return
+        scores = {c.key(): s for c, s in history}
+        first = history[0][1] if history else None
+        for change in self.space.smoothing:
+            cfg = TrialConfig.make({**base, **change})
+            key = cfg.key()
+            if key not in self.tried:
+                self.smoothing.add(key)
+                yield cfg
+                return
+            score = scores.get(key)
+            if key in scores and (score is None or first is not None and score <= first + self.noise):
+                return  # it did not help: a stronger alpha won't either
 
     def _step_size(self, history: History) -> int:
         """Layers the next fallback step takes, replayed from the history's fallback steps:
@@ -189,6 +222,8 @@ class BasicStrategy(Strategy):
     def _candidates(self, history: History) -> Iterator[TrialConfig]:
         base = self.base_knobs()
         yield TrialConfig.make(base)
+        if self.ranking is not None:
+            yield from self._smoothing(history, base)
         allowed = set(self.space.fallback_candidates)
         while self.ranking is not None:
             scored = self._best(history)
@@ -217,6 +252,21 @@ class BasicStrategy(Strategy):
         scored = self._best(history)
         for cfg in self._knob_variants():
             yield TrialConfig.make(dict(cfg.knobs), scored[0].fallback if scored else ())
+
+
+#: a MatMul input whose largest per-channel max |x| is this many times the median channel's has
+#: activation outlier channels (LLM/BERT LayerNorm outputs: 20-100x; the diagnosis'
+#: ``channel_ratio``)
+OUTLIER_CHANNEL_RATIO = 20.0
+_LINEAR_OPS = ("MatMul", "Gemm", "FullyConnected")
+
+
+def has_outlier_channels(layers: list[dict] | None) -> bool:
+    """Whether a diagnosis shows activation outlier channels at the input of a linear layer."""
+    return any(
+        any(k in str(row.get("op") or "") for k in _LINEAR_OPS)
+        and (row.get("channel_ratio") or 0.0) >= OUTLIER_CHANNEL_RATIO
+        for row in layers or ())
 
 
 class OneByOneStrategy(Strategy):

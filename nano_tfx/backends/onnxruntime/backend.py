@@ -42,9 +42,11 @@ from nano_tfx.backends.base import (
     Backend,
     CalibrationData,
     Candidate,
+    SMOOTH_QUANT,
     SearchSpace,
     TrialConfig,
     register,
+    smooth_quant_alpha,
 )
 from nano_tfx.backends.onnxruntime.convert import (
     OrtPrepared, _activation_matmuls, _convert_to_onnx, _fuse_transformer, _preprocess, _weight_spread,
@@ -53,7 +55,7 @@ from nano_tfx.backends.onnxruntime.convert import (
 from nano_tfx.backends.onnxruntime.quantize import _CALIB_CHUNK, _calibration_reader, _largest_divisor_at_most
 from nano_tfx.backends.onnxruntime.space import (
     _OPSET_RANGE, ACTIVATION_TYPES, CALIBRATE_METHODS, DEFAULT_OPSET, DYNAMIC_WEIGHTED_OPS, FORMATS,
-    FP16_WEIGHTED_OPS, KNOBS, METHODS, STATIC_WEIGHTED_OPS, WEIGHT_TYPES, _order_by_sensitivity, cpu_has_vnni,
+    FP16_WEIGHTED_OPS, KNOBS, METHODS, SMOOTH_QUANT_ALPHAS, STATIC_WEIGHTED_OPS, WEIGHT_TYPES, _order_by_sensitivity, cpu_has_vnni,
 )
 from nano_tfx.interchange import SavedModelSource, TensorInfo
 
@@ -327,6 +329,10 @@ class OnnxRuntimeBackend(Backend):
         }
         if no_vnni:
             knobs["reduce_range"] = [True, False]
+        smoothing: tuple = ()
+        if prepared.quantizable(("MatMul", "Gemm")):  # SmoothQuant smooths Linear-layer inputs
+            knobs[SMOOTH_QUANT] = [None, *SMOOTH_QUANT_ALPHAS]
+            smoothing = tuple({SMOOTH_QUANT: a} for a in SMOOTH_QUANT_ALPHAS)
         names = prepared.quantizable(STATIC_WEIGHTED_OPS)
         # Percentile (99.999 %) clips rare activation peaks; Entropy is left out (20-60x slower
         # calibration). Measured on the 24-layer planted MLP (AVX2, culprit layers in FP32):
@@ -334,7 +340,7 @@ class OnnxRuntimeBackend(Backend):
         # (Percentile changes nothing in a dynamic trial: no refinement but 8-bit weights there)
         finer = ({"calibrate_method": "Percentile"},) if approaches[0] == "static" else ()
         return SearchSpace(knobs, _order_by_sensitivity(names, prepared.weight_spread),
-                           refinements=_refinements(no_vnni, *finer))
+                           refinements=_refinements(no_vnni, *finer), smoothing=smoothing)
 
     def approach_order(self, prepared: OrtPrepared) -> list[str]:
         """``["dynamic", "static"]`` or the reverse: the approach whose default INT8 model ran faster
@@ -451,7 +457,7 @@ class OnnxRuntimeBackend(Backend):
             if precision == "fp16":
                 self._fp16(prepared, out, fallback)
             elif approach == "dynamic":
-                self._dynamic(prepared, out, config, fallback)
+                self._dynamic(prepared, out, config, fallback, calibration)
             else:
                 self._static(prepared, out, config, fallback, calibration)
             candidate = OrtCandidate(
@@ -492,8 +498,15 @@ class OnnxRuntimeBackend(Backend):
         if n == 0:
             raise ValueError("calibration: the calibration data yielded no batches")
         extra: dict[str, Any] = {"CalibStridedMinMax": _largest_divisor_at_most(n, _CALIB_CHUNK)}
+        model_in, keep_fp32 = prepared.model_path, []
+        alpha = smooth_quant_alpha(config)
+        if alpha is not None:  # see smooth.py for why not extra_options={"SmoothQuant": True}
+            from nano_tfx.backends.onnxruntime.smooth import smooth_model
+
+            model_in = os.path.join(os.path.dirname(out), "smoothed.onnx")
+            keep_fp32 = smooth_model(prepared.model_path, model_in, calibration, prepared.input_names, alpha)
         quantize_static(
-            prepared.model_path,
+            model_in,
             out,
             reader,
             quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator,
@@ -501,14 +514,36 @@ class OnnxRuntimeBackend(Backend):
             reduce_range=reduce_range,
             activation_type=QuantType.QUInt8 if act == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=fallback,
+            nodes_to_exclude=list(fallback) + keep_fp32,
             calibrate_method=getattr(CalibrationMethod, cal),
             extra_options=extra,
         )
+        if model_in != prepared.model_path:
+            os.remove(model_in)
 
-    def _dynamic(self, prepared, out, config, fallback) -> None:
+    def _dynamic(self, prepared, out, config, fallback, calibration=None) -> None:
         """IntegerOps. Conv → ConvInteger always gets uint8 weights: ORT's CPU ConvInteger kernel
-        is U8U8 only, so with int8 weights the Conv nodes go through a second uint8 pass."""
+        is U8U8 only, so with int8 weights the Conv nodes go through a second uint8 pass.
+        ``smooth_quant`` smooths first, as in a static trial: an outlier channel widens the range a
+        dynamic MatMul quantizes its activation with just as much (the encoder's default approach
+        can be dynamic, and the strategy tries smoothing on top of it)."""
+        src = self._dynamic_source(prepared)
+        alpha = smooth_quant_alpha(config)
+        if alpha is not None:
+            if calibration is None:
+                raise ValueError("smooth_quant: SmoothQuant needs calibration data (calib_dataset=), got none")
+            from nano_tfx.backends.onnxruntime.smooth import smooth_model
+
+            smoothed = os.path.join(os.path.dirname(out), "smoothed.onnx")
+            fallback = list(fallback) + smooth_model(src, smoothed, calibration, prepared.input_names, alpha)
+            try:
+                self._dynamic_quantize(prepared, smoothed, out, config, fallback)
+            finally:
+                os.remove(smoothed)
+            return
+        self._dynamic_quantize(prepared, src, out, config, fallback)
+
+    def _dynamic_quantize(self, prepared, src, out, config, fallback) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         wt = self._check_choice("weight_type", config.knob("weight_type", "int8"), WEIGHT_TYPES)
@@ -523,7 +558,6 @@ class OnnxRuntimeBackend(Backend):
             # the same speed, measured, and the encoder's MatMuls all run in INT8
             common["extra_options"] = {"MatMulConstBOnly": False}
         non_conv = [op for op in DYNAMIC_WEIGHTED_OPS if op != "Conv"]
-        src = self._dynamic_source(prepared)
         if wt == "uint8":
             ops = non_conv + (["Conv"] if with_conv else [])
             quantize_dynamic(src, out, op_types_to_quantize=ops,

@@ -126,6 +126,35 @@ def _producer_groups(model_path: str, names: Sequence[str]) -> dict[str, list[st
     return groups
 
 
+def _input_channels(model_path: str, names: Sequence[str]) -> dict[str, int]:
+    """Per MatMul/Gemm with a constant 2-D weight, its input channels (the weight's K)."""
+    import onnx
+
+    graph = onnx.load(model_path, load_external_data=False).graph
+    dims = {i.name: list(i.dims) for i in graph.initializer}
+    wanted, out = set(names), {}
+    for n in graph.node:
+        if n.name in wanted and n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and len(dims.get(n.input[1], ())) == 2:
+            k = dims[n.input[1]]
+            transposed = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+            out[n.name] = int(k[1] if transposed else k[0])
+    return out
+
+
+def _with_channels(tap: diagnosis.Tap, channels: dict[str, int]) -> diagnosis.Tap:
+    """The tap with each linear layer's input (saved flat by ORT's debug outputs) given back its
+    channel axis, for the diagnosis' per-channel ``channel_ratio``."""
+    def shaped(batch):
+        out = tap(batch)
+        for name, (x, y) in out.items():
+            k = channels.get(name)
+            if x is not None and k and np.size(x) % k == 0:
+                out[name] = (np.reshape(x, (-1, k)), y)
+        return out
+
+    return shaped
+
+
 def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray]]) -> list[dict]:
     from onnxruntime.quantization.qdq_loss_debug import modify_model_output_intermediate_tensors
 
@@ -150,7 +179,8 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
         modify_model_output_intermediate_tensors(model_path, q_aug, op_types_for_saving=ops)
         so = backend.session_options()
         fp32_io = _layer_io(fp32_aug, names)
-        fp32 = _tap(fp32_aug, prepared.input_names, fp32_io, so)
+        fp32 = _with_channels(_tap(fp32_aug, prepared.input_names, fp32_io, so),
+                              _input_channels(prepared.model_path, names))
         quant_io = _layer_io(q_aug, names, fp32_io)
         quant = _tap(q_aug, prepared.input_names, quant_io, so)
         groups = _producer_groups(prepared.model_path, names)

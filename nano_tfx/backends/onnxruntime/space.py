@@ -19,9 +19,14 @@ ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8", "uint8")
 CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")
 METHODS = ("qlinear", "integer")
+#: SmoothQuant alphas of static INT8 (``smooth_quant`` knob; None: off), tried in this order by
+#: the default strategy when the diagnosis shows outlier channels: 0.5 is the SmoothQuant
+#: paper's and INC's default, 0.75 moves more of the outliers into the weights
+SMOOTH_QUANT_ALPHAS = (0.5, 0.75)
 #: Knob names each kind of trial understands (anything else in a TrialConfig is an error).
 KNOBS = {
-    "static": {"approach", "format", "activation_type", "per_channel", "calibrate_method", "reduce_range"},
+    "static": {"approach", "format", "activation_type", "per_channel", "calibrate_method", "reduce_range",
+               "smooth_quant"},
     "dynamic": {"approach", "per_channel", "weight_type", "quantize_conv", "reduce_range"},
     "fp16": set(),
 }
