@@ -136,7 +136,7 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
     if config.knob("format", "QDQ") != "QDQ":
         # QOperator renames the quantized nodes: measure the same config in QDQ form instead.
         requant = TrialConfig.make({**dict(config.knobs), "format": "QDQ"}, config.fallback)
-        candidate = backend.quantize(prepared, "int8", requant, list(batches))
+        candidate = backend.quantize(prepared, "int8", requant, batches)
         model_path = candidate.model_path
     layers = [(n, op) for n, op in prepared.nodes if op in STATIC_WEIGHTED_OPS and n]
     quantized = _quantized_nodes(model_path)
