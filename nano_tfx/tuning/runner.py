@@ -342,12 +342,12 @@ def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
 def diagnose_trial(job: TrialJob, candidate: Candidate, max_samples: int = 256) -> list[dict]:
     """Per-layer error of a trial's candidate on calibration rows, worst first (see
     ``nano_tfx.diagnosis``); ``NotImplementedError`` when the backend/precision can't."""
-    from nano_tfx.diagnosis import take_samples
+    from nano_tfx.diagnosis import FirstSamples
 
     if job.calibration is None:
         raise NotImplementedError("diagnosis needs calibration data")
     backend, prepared = _backend_and_prepared(job)
-    return backend.diagnose(prepared, candidate, take_samples(job.calibration, max_samples))
+    return backend.diagnose(prepared, candidate, FirstSamples(job.calibration, max_samples))
 
 
 def job_diagnoser(job: TrialJob) -> Callable[[Any, Candidate, int], list[dict]]:
