@@ -239,14 +239,31 @@ def _failed(err: BaseException) -> str:
     return f"failed: {last[:300]}"
 
 
+def _peak_rss():
+    """``benchmarks/_rss.PeakRSS`` (the script's folder is on sys.path; ``-m`` runs see the package)."""
+    try:
+        from benchmarks._rss import PeakRSS
+    except ImportError:
+        from _rss import PeakRSS
+    return PeakRSS()
+
+
+def _keep_rss(variant: Variant, key: str, p: Any) -> None:
+    """A block's peak RSS and its increment over the block's start, MB (see ``rss_table``)."""
+    variant.extra[key] = {"peak_mb": _r(p.peak_mb, 0), "delta_mb": _r(p.delta_mb, 0), "how": p.how}
+
+
 def build(variant: Variant, fn: Callable[[Variant], None]) -> Variant:
     t = time.perf_counter()
-    try:
-        fn(variant)
-    except Exception as err:  # a backend that fails is a result, not the end of the benchmark
-        variant.status = _failed(err)
-        variant.run = variant.call = variant.direct = None
-        traceback.print_exc(file=sys.stderr)
+    gc.collect()  # the previous variant's garbage must not be counted in this one's peak
+    with _peak_rss() as rss:
+        try:
+            fn(variant)
+        except Exception as err:  # a backend that fails is a result, not the end of the benchmark
+            variant.status = _failed(err)
+            variant.run = variant.call = variant.direct = None
+            traceback.print_exc(file=sys.stderr)
+    _keep_rss(variant, "build_rss", rss)
     variant.build_s = round(time.perf_counter() - t, 1)
     log(f"  {variant.name}: {variant.status} ({variant.build_s}s)")
     return variant
@@ -511,7 +528,10 @@ def measure(case: ModelCase, variants: list[Variant], plan: dict) -> None:
         tf_row.extra["ref_distinct_top1"] = int(len(np.unique(ref.argmax(-1))))
     for v in ok:
         try:
-            pred = _predict(v.run, case.eval_x)
+            gc.collect()
+            with _peak_rss() as rss:
+                pred = _predict(v.run, case.eval_x)
+            _keep_rss(v, "infer_rss", rss)
             top = pred.argmax(-1)
             if ref is not None:
                 v.extra["agreement_vs_tf"] = float(np.mean(top == ref.argmax(-1)))
@@ -597,6 +617,10 @@ def rows_for(case: ModelCase, variants: list[Variant]) -> tuple[list[dict], str 
             "call_speedup_vs_tf_fp32": _r(_ratio_per_round(by["tf-fp32"].extra.get("b1", []), e.get("call", []))
                                           if "tf-fp32" in by and e.get("call") else None, 3),
             "build_s": v.build_s,
+            "build_peak_rss_mb": (e.get("build_rss") or {}).get("peak_mb"),
+            "build_rss_delta_mb": (e.get("build_rss") or {}).get("delta_mb"),
+            "infer_peak_rss_mb": (e.get("infer_rss") or {}).get("peak_mb"),
+            "infer_rss_delta_mb": (e.get("infer_rss") or {}).get("delta_mb"),
             "b1_ms_rounds": [_r(t) for t in e.get("b1", [])],
             "b32_ms_rounds": [_r(t) for t in e.get("b32", [])],
             "b1_call_ms_rounds": [_r(t) for t in e.get("call", [])],
@@ -838,6 +862,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rss_table(rows: list[dict]) -> str:
+    """Peak RSS per variant, MB: of its build (quantization for nano rows) and of predicting the
+    accuracy set at batch 32. One benchmark process builds every variant in turn, so "peak" is the
+    process' high-water mark during that block (``benchmarks/_rss.py`` resets it at the block's
+    start) and includes what earlier variants keep alive; "+" is the increment over the block's
+    start: the variant's own cost. Fresh-process peaks: ``benchmarks/memory_bench.py``."""
+    lines = ["## Peak RSS (MB)", "",
+             "| model | variant | build peak | build + | inference peak | inference + |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant']} | {_fmt(r.get('build_peak_rss_mb'), '{:.0f}')} | "
+                     f"{_fmt(r.get('build_rss_delta_mb'), '{:.0f}')} | {_fmt(r.get('infer_peak_rss_mb'), '{:.0f}')} | "
+                     f"{_fmt(r.get('infer_rss_delta_mb'), '{:.0f}')} |")
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     env, rows = result["env"], result["rows"]
     out = [
@@ -857,6 +896,8 @@ def markdown(result: dict) -> str:
         "b1 ÷ this row's (higher = faster; what INT8/BF16 adds over the engine itself), per-round.",
         "",
         markdown_table(rows),
+        "",
+        rss_table(rows),
         "",
         "fastest raw engine (b1): " + ", ".join(f"{m}: {v}" for m, v in result["fastest_raw"].items()),
         "",
@@ -1041,6 +1082,8 @@ def main(argv: list[str] | None = None) -> int:
     print("CPU flags: " + ", ".join(f"{k}={v}" for k, v in env["cpu_flags"].items()))
     print(markdown_table(result["rows"]))
     print()
+    print(rss_table(result["rows"]))
+    print()
     for t in result["targets"]:
         print(f"target {t['target']} {t['model']} {t['variant']}: {t['value']} ({t['threshold']}) "
               f"{'met' if t['met'] else 'NOT met'}")
@@ -1051,9 +1094,12 @@ def main(argv: list[str] | None = None) -> int:
 ROW_KEYS = ("model", "variant", "kind", "engine", "precision", "api", "status", "b1_ms", "b1_call_ms",
             "b1_direct_ms", "b32_ms", "b32_ips", "accuracy", "accuracy_kind", "agreement_vs_tf",
             "out_rel_l2_vs_tf", "size_mb", "ratio_b1_vs_tf_fp32", "ratio_b1_vs_fastest_raw", "own_raw",
-            "ratio_b1_vs_own_raw", "ratio_run_vs_direct", "gain_b1_vs_engine_fp32", "report_speedup",
-            "call_speedup_vs_tf_fp32", "build_s", "b1_ms_rounds",
-            "b32_ms_rounds", "b1_call_ms_rounds", "b1_direct_ms_rounds", "notes", "details")
+            "ratio_b1_vs_own_raw", "ratio_run_vs_direct", "gain_b1_vs_engine_fp32", "build_s", "b1_ms_rounds",
+            "b32_ms_rounds", "b1_call_ms_rounds", "b1_direct_ms_rounds", "notes", "details",
+            # peak RSS (MB) of the variant's build and of its accuracy pass (see rss_table)
+            "build_peak_rss_mb", "build_rss_delta_mb", "infer_peak_rss_mb", "infer_rss_delta_mb",
+            # report.speedup of the nano variants, and TF FP32 ms ÷ the returned model's own q(x) ms
+            "report_speedup", "call_speedup_vs_tf_fp32")
 
 
 def _complete(row: dict):

@@ -36,6 +36,10 @@ from nano_tfx.backends.base import CalibrationData
 MAX_SQNR_DB = 120.0
 #: Elements kept per layer for the outlier percentile (a percentile needs the values).
 _SAMPLE = 200_000
+#: Bytes of tapped activations (both models, every layer) held at once: a batch is tapped in
+#: slices of as many rows as fit, so a large batch (or image model) never holds every layer's
+#: activations for all its rows. The sums are exact whatever the slicing.
+_TAP_BYTES = 128 * 2 ** 20
 
 Tap = Callable[[Sequence[np.ndarray]], Mapping[str, tuple[np.ndarray | None, np.ndarray]]]
 
@@ -81,7 +85,7 @@ class _Acc:
         if ok.any():
             self.lo, self.hi = min(self.lo, float(ref_in[ok].min())), max(self.hi, float(ref_in[ok].max()))
         if self.kept < _SAMPLE:
-            part = np.abs(ref_in[ok][: _SAMPLE - self.kept])
+            part = np.abs(ref_in[ok][: _SAMPLE - self.kept]).astype(np.float32)
             self.sample.append(part)
             self.kept += part.size
 
@@ -150,18 +154,59 @@ def compare(
     an activation's quantization to its producer (INC); default: the layer alone."""
     accs = {name: _Acc() for name, _ in layers}
     seen = False
-    for batch in batches:
-        seen = True
-        ref, got = fp32(batch), quantized(batch)
+
+    def tap(part) -> float:
+        """Tap both models on ``part``, add to the sums; the taps' bytes per row."""
+        ref, got = fp32(part), quantized(part)
         for name, acc in accs.items():
             if name in ref and name in got:
                 acc.add(ref[name][0], got[name][0], ref[name][1], got[name][1])
+        return (_nbytes(ref) + _nbytes(got)) / max(_num_rows(part) or 1, 1)
+
+    rows = None  # rows per tap: as many as _TAP_BYTES holds, from the first row's taps
+    for batch in batches:
+        seen = True
+        if rows is None:
+            n = _num_rows(batch)
+            sliceable = n is not None and n > 1
+            rows = max(1, int(_TAP_BYTES // max(tap([x[:1] for x in batch] if sliceable else list(batch)), 1.0)))
+            if not sliceable:
+                continue
+            batch = [x[1:] for x in batch]
+        for part in _slices(batch, rows):
+            tap(part)
     if not seen:
         raise ValueError("data: the diagnosis data yielded no batches")
     rows = [accs[n].row(n, op) for n, op in layers if accs[n].count]
     for row in rows:
         row["fallback"] = list((groups or {}).get(row["name"], [row["name"]]))
     return rank(rows)
+
+
+def _num_rows(batch: Sequence[np.ndarray]) -> int | None:
+    """The batch's rows when its inputs agree on the first dimension, else None (not sliced)."""
+    rows = {len(x) if np.ndim(x) else None for x in batch}
+    return next(iter(rows)) if len(rows) == 1 else None
+
+
+def _slices(batch: Sequence[np.ndarray], rows: int) -> Iterable[list[np.ndarray]]:
+    """``batch`` in slices of at most ``rows`` rows (views; unsliceable batches whole)."""
+    n = _num_rows(batch)
+    if n is None or n <= rows:
+        yield list(batch)
+        return
+    for i in range(0, n, rows):
+        yield [x[i:i + rows] for x in batch]
+
+
+def _nbytes(taps: Mapping[str, tuple]) -> int:
+    """Bytes of the distinct arrays in one tap result."""
+    seen: dict[int, int] = {}
+    for pair in taps.values():
+        for a in pair:
+            if a is not None:
+                seen[id(a)] = int(getattr(a, "nbytes", 0))
+    return sum(seen.values())
 
 
 def rank(rows: Iterable[dict]) -> list[dict]:
@@ -221,6 +266,26 @@ class Batches(CalibrationData):
 
     def __len__(self) -> int:
         return len(self._batches)
+
+
+class FirstSamples(CalibrationData):
+    """The first ``max_samples`` rows of ``data`` (a re-iterable of input batches), read lazily on
+    every pass: nothing is materialised (the diagnosis of a large-input model would otherwise
+    hold all its samples on top of the taps)."""
+
+    def __init__(self, data: Iterable[Sequence[np.ndarray]], max_samples: int):
+        self.data, self.max_samples = data, int(max_samples)
+        self.batch_size = getattr(data, "batch_size", None) or 1
+        self.num_samples = self.max_samples
+
+    def __iter__(self):
+        left = self.max_samples
+        for batch in self.data:
+            if left <= 0:
+                return
+            xs = [np.asarray(x)[:left] for x in batch]
+            left -= len(xs[0]) if xs and xs[0].ndim else 1
+            yield xs
 
 
 def take_samples(data: Iterable[Sequence[np.ndarray]], max_samples: int) -> list[list[np.ndarray]]:

@@ -371,3 +371,19 @@ def test_missed_bar_best_model_outlives_the_call(tmp_path):
     best.save(str(tmp_path / "m"))
     loaded = nano_tfx.load(str(tmp_path / "m"))
     np.testing.assert_allclose(loaded.predict(x), best.predict(x), rtol=1e-5, atol=1e-5)
+
+
+def test_diagnose_a_qlinear_model():
+    """method='qlinear' pins QOperator for the returned model; its per-layer diagnosis measures the
+    same config in QDQ form (it raised "method='qlinear' pins 'QOperator'" before)."""
+    import keras
+
+    import nano_tfx
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.Flatten(), keras.layers.Dense(10)])
+    x = np.random.default_rng(0).normal(size=(64, 8, 8, 1)).astype(np.float32)
+    q = nano_tfx.quantize(model, accelerator="onnxruntime", method="qlinear", calib_dataset=x)
+    rows = q.diagnose(x)
+    assert len(rows) == 2 and {r["op"] for r in rows} == {"Conv", "MatMul"}

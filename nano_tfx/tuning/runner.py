@@ -109,12 +109,21 @@ def _backend_and_prepared(job: TrialJob):
     # The precision is not: the rungs of ``precision='auto'`` share one conversion per engine.
     key = (job.source.path, job.source.signature_key, job.backend, repr(job.options), job.workdir)
     if key not in _PREPARED:
+        _forget_finished_calls()
         backend = backend_class(job.backend)(job.options)
         workdir = job.workdir or job.artifact_root or os.path.join(os.path.dirname(job.source.path), "work")
         workdir = os.path.join(workdir, f"prepare_{job.backend}_{os.getpid()}")
         os.makedirs(workdir, exist_ok=True)
         _PREPARED[key] = (backend, backend.prepare(job.source, workdir))
     return _PREPARED[key]
+
+
+def _forget_finished_calls() -> None:
+    """Drop the prepared models of calls whose workdir is gone (removed with their result): a
+    process that quantizes again and again (the callback, every epoch) must not keep one converted
+    model per call."""
+    for key in [k for k in _PREPARED if k[4] and not os.path.isdir(k[4])]:
+        del _PREPARED[key]
 
 
 _REFERENCE: dict[tuple, Any] = {}
@@ -126,6 +135,7 @@ def reference_outputs(job: TrialJob) -> list[list[np.ndarray]]:
     if key not in _REFERENCE:
         from nano_tfx.backends.tf_reference import TFSignatureCandidate
 
+        _REFERENCE.clear()  # one evaluation set's outputs per process, not one per call
         ref = TFSignatureCandidate(job.source)
         _REFERENCE[key] = [ref.run(xs) for xs, _ in job.evaluation]
     return _REFERENCE[key]
@@ -362,12 +372,12 @@ def run_trial(job: TrialJob, config: TrialConfig) -> TrialResult:
 def diagnose_trial(job: TrialJob, candidate: Candidate, max_samples: int = 256) -> list[dict]:
     """Per-layer error of a trial's candidate on calibration rows, worst first (see
     ``nano_tfx.diagnosis``); ``NotImplementedError`` when the backend/precision can't."""
-    from nano_tfx.diagnosis import take_samples
+    from nano_tfx.diagnosis import FirstSamples
 
     if job.calibration is None:
         raise NotImplementedError("diagnosis needs calibration data")
     backend, prepared = _backend_and_prepared(job)
-    return backend.diagnose(prepared, candidate, take_samples(job.calibration, max_samples))
+    return backend.diagnose(prepared, candidate, FirstSamples(job.calibration, max_samples))
 
 
 def job_diagnoser(job: TrialJob) -> Callable[[Any, Candidate, int], list[dict]]:

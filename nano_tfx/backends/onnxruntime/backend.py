@@ -52,7 +52,8 @@ from nano_tfx.backends.onnxruntime.convert import (
     OrtPrepared, _activation_matmuls, _convert_to_onnx, _fuse_transformer, _preprocess, _weight_spread,
     gemm_as_matmul, synthetic_feeds, time_sessions,
 )
-from nano_tfx.backends.onnxruntime.quantize import _CALIB_CHUNK, _calibration_reader, _largest_divisor_at_most
+from nano_tfx.backends.onnxruntime.convert import activation_row_bytes
+from nano_tfx.backends.onnxruntime.quantize import _calibration_reader
 from nano_tfx.backends.onnxruntime.space import (
     _OPSET_RANGE, ACTIVATION_TYPES, CALIBRATE_METHODS, DEFAULT_OPSET, DYNAMIC_WEIGHTED_OPS, FORMATS,
     FP16_WEIGHTED_OPS, KNOBS, METHODS, SMOOTH_QUANT_ALPHAS, STATIC_WEIGHTED_OPS, WEIGHT_TYPES, _order_by_sensitivity, cpu_has_vnni,
@@ -285,6 +286,7 @@ class OnnxRuntimeBackend(Backend):
             weight_spread=spread,
             activation_matmuls=attention,
             fusion=fusion,
+            activation_row_bytes=activation_row_bytes(model),
         )
 
     # ---- search space -----------------------------------------------------------------------
@@ -490,14 +492,15 @@ class OnnxRuntimeBackend(Backend):
             "calibrate_method", config.knob("calibrate_method", "MinMax"), CALIBRATE_METHODS
         )
         reduce_range = bool(config.knob("reduce_range", False))
-        # Calibration is fed in chunks through ORT's strided collection: every chunk's ranges /
-        # histograms are merged, so RAM holds one chunk of activations, not the whole set.
-        # (CalibMaxIntermediateOutputs is not used: in ORT 1.23 it drops the cleared chunks.)
-        reader = _calibration_reader(calibration, prepared.input_names, uniform=cal != "MinMax")
-        n = len(reader)
-        if n == 0:
+        # Calibration is streamed in chunks through ORT's strided collection: every chunk's ranges /
+        # histograms are merged, so RAM holds one chunk of activations (cut to a byte budget), not
+        # the whole set. (CalibMaxIntermediateOutputs is not used: in ORT 1.23 it drops the cleared
+        # chunks.)
+        reader = _calibration_reader(calibration, prepared.input_names, uniform=cal != "MinMax",
+                                     row_bytes=getattr(prepared, "activation_row_bytes", 0))
+        if len(reader) == 0:
             raise ValueError("calibration: the calibration data yielded no batches")
-        extra: dict[str, Any] = {"CalibStridedMinMax": _largest_divisor_at_most(n, _CALIB_CHUNK)}
+        extra: dict[str, Any] = {"CalibStridedMinMax": reader.stride}
         model_in, keep_fp32 = prepared.model_path, []
         alpha = smooth_quant_alpha(config)
         if alpha is not None:  # see smooth.py for why not extra_options={"SmoothQuant": True}

@@ -43,6 +43,9 @@ class OrtPrepared:
     fusion: dict = field(default_factory=dict)
     #: static vs dynamic INT8 batch-1 ms on this CPU, measured once (``space.probe_approaches``)
     approach_probe: dict | None = None
+    #: bytes of the float activations of one input row (value_info of the pre-processed model;
+    #: 0 unknown): the calibration reader's chunk size (``quantize._calibration_reader``)
+    activation_row_bytes: int = 0
 
     @property
     def trials_dir(self) -> str:
@@ -54,6 +57,25 @@ class OrtPrepared:
 
 # --------------------------------------------------------------------------------------------
 # Graph helpers
+# --------------------------------------------------------------------------------------------
+
+
+def activation_row_bytes(model) -> int:
+    """Bytes of every float tensor the graph computes for one row (batch dimension excluded),
+    from the shapes shape inference left in ``value_info`` (dynamic non-batch dims count as 1:
+    a lower bound for sequence models). What a calibrator collects is at most this."""
+    import onnx
+
+    sizes = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.DOUBLE: 8,
+             onnx.TensorProto.BFLOAT16: 2}
+    total = 0
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        t = vi.type.tensor_type
+        if t.elem_type not in sizes or not t.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim[1:]]
+        total += int(np.prod(dims, dtype=np.int64)) * sizes[t.elem_type]
+    return total
 # --------------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ computes the same integers in float (what ``qdq_loss_debug`` itself measures).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -164,8 +165,10 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
     model_path = candidate.model_path
     if config.knob("format", "QDQ") != "QDQ":
         # QOperator renames the quantized nodes: measure the same config in QDQ form instead.
+        # (method='qlinear' pins QOperator for the returned model, not for this measurement)
         requant = TrialConfig.make({**dict(config.knobs), "format": "QDQ"}, config.fallback)
-        candidate = backend.quantize(prepared, "int8", requant, list(batches))
+        qdq = type(backend)(dataclasses.replace(backend.options, method=None))
+        candidate = qdq.quantize(prepared, "int8", requant, batches)
         model_path = candidate.model_path
     layers = [(n, op) for n, op in prepared.nodes if op in STATIC_WEIGHTED_OPS and n]
     quantized = _quantized_nodes(model_path)

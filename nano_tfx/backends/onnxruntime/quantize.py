@@ -5,27 +5,42 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-#: Calibration batches per collection chunk (ORT keeps every activation of a chunk in RAM
-#: before reducing it to ranges/histograms).
+#: At most this many calibration batches per collection chunk.
 _CALIB_CHUNK = 8
+#: Activation bytes one collection chunk may hold: ORT keeps every collected tensor of a chunk
+#: in RAM (and copies it once more while reducing it to ranges/histograms), so a chunk is cut to
+#: the rows whose activations fit, whatever the batch size of the data.
+_CALIB_BYTES = 192 * 2 ** 20
 
 # --------------------------------------------------------------------------------------------
 # Calibration reader
 # --------------------------------------------------------------------------------------------
 
 
-def _calibration_reader(
-    calibration: Iterable[Sequence[np.ndarray]], input_names: Sequence[str], uniform: bool = False
-):
-    """``calibration`` batches (lists in input order) → an ORT reader with ``set_range``.
+def _rows(batch: dict) -> int | None:
+    """The batch's row count when every input agrees on its first dimension, else None."""
+    rows = {len(a) if np.ndim(a) else None for a in batch.values()}
+    return next(iter(rows)) if len(rows) == 1 else None
 
-    The batches are materialised once (the calibration set is already capped by the engine);
-    ORT's strided collection then walks them chunk by chunk. ``uniform``: every batch gets the
-    same number of rows (see ``_uniform_batches``), which ORT's histogram calibrators need.
+
+def _calibration_reader(
+    calibration: Iterable[Sequence[np.ndarray]], input_names: Sequence[str], uniform: bool = False,
+    row_bytes: int = 0,
+):
+    """``calibration`` batches (lists in input order) → a streaming ORT reader with ``set_range``.
+
+    Nothing is materialised: one counting pass learns how many items there are, then ORT's
+    strided collection (``stride`` items per chunk, see ``chunk``) pulls them one by one from a
+    live pass over the data. ``row_bytes`` (the model's activation bytes per row, 0 unknown)
+    caps the rows of an item and of a chunk at ``_CALIB_BYTES``: a batch of 256 images is cut
+    into pieces, so memory holds one chunk of activations whatever the calibration or batch size.
+    ``uniform``: every item gets the same number of rows (see ``_uniform_batches``), which ORT's
+    histogram calibrators need.
     """
     from onnxruntime.quantization import CalibrationDataReader
 
     names = list(input_names)
+    cap = max(1, _CALIB_BYTES // row_bytes) if row_bytes > 0 else None
 
     def feed(batch) -> dict:
         if len(batch) != len(names):
@@ -35,23 +50,52 @@ def _calibration_reader(
             )
         return {n: np.asarray(a) for n, a in zip(names, batch)}
 
+    def pieces():
+        for batch in calibration:
+            item = feed(batch)
+            rows = _rows(item)
+            if cap is None or rows is None or rows <= cap:
+                yield item
+                continue
+            for i in range(0, rows, cap):
+                yield {k: a[i:i + cap] for k, a in item.items()}
+
     class _Reader(CalibrationDataReader):
         def __init__(self):
-            batches = [feed(b) for b in calibration]
-            self._batches = _uniform_batches(batches) if uniform else batches
-            self._pos, self._end = 0, len(self._batches)
+            self._sizes = [_rows(item) for item in pieces()]  # the counting pass (row counts only)
+            known = [r for r in self._sizes if r is not None]
+            self._full = max(known, default=0)
+            self._uniform = uniform and len(known) == len(self._sizes)
+            self._pos, self._end = 0, len(self._sizes)
+            self._live, self._live_pos = None, 0
 
         def __len__(self):
-            return len(self._batches)
+            return len(self._sizes)
+
+        @property
+        def stride(self) -> int:
+            """Items per collection chunk: at most ``_CALIB_CHUNK``, and within the byte budget."""
+            per = cap // max(self._full, 1) if cap is not None else _CALIB_CHUNK
+            return _largest_divisor_at_most(len(self), max(1, min(_CALIB_CHUNK, per)))
 
         def set_range(self, start_index: int, end_index: int):
-            self._pos, self._end = start_index, min(end_index, len(self._batches))
+            self._pos, self._end = start_index, min(end_index, len(self._sizes))
 
         def get_next(self):
             if self._pos >= self._end:
                 return None
+            if self._live is None or self._live_pos != self._pos:  # ORT walks forward: rarely
+                self._live, self._live_pos = pieces(), 0
+                for _ in range(self._pos):
+                    next(self._live)
+                    self._live_pos += 1
+            item = next(self._live)
+            self._live_pos += 1
             self._pos += 1
-            return self._batches[self._pos - 1]
+            n = self._sizes[self._pos - 1]
+            if self._uniform and n != self._full:
+                item = {k: a[np.arange(self._full) % n] for k, a in item.items()}
+            return item
 
     return _Reader()
 
