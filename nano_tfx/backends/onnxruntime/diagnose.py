@@ -160,9 +160,20 @@ def diagnose(backend, prepared, candidate, batches: Sequence[Sequence[np.ndarray
     from onnxruntime.quantization.qdq_loss_debug import modify_model_output_intermediate_tensors
 
     config = candidate.config or TrialConfig()
-    if candidate.precision != "int8" or config.knob("approach", "static") != "static":
-        raise NotImplementedError("onnxruntime: per-layer diagnosis covers static INT8 (QDQ) models")
+    if candidate.precision != "int8":
+        raise NotImplementedError("onnxruntime: per-layer diagnosis covers INT8 models")
     model_path = candidate.model_path
+    if config.knob("approach", "static") == "dynamic":
+        # MatMulInteger has no Q/DQ pair to tap: diagnose the same layers in static QDQ form (same
+        # weights and fallback; activation ranges calibrated instead of per call). The ranking and
+        # the FP32 input statistics (outlier channels) are what the strategy reads.
+        from nano_tfx.backends.onnxruntime.space import KNOBS
+
+        static_knobs = {k: v for k, v in config.knobs if k in KNOBS["static"]}
+        config = TrialConfig.make({**static_knobs, "approach": "static", "format": "QDQ"}, config.fallback)
+        qdq = type(backend)(dataclasses.replace(backend.options, method=None))
+        candidate = qdq.quantize(prepared, "int8", config, batches)
+        model_path = candidate.model_path
     if config.knob("format", "QDQ") != "QDQ":
         # QOperator renames the quantized nodes: measure the same config in QDQ form instead.
         # (method='qlinear' pins QOperator for the returned model, not for this measurement)

@@ -35,6 +35,8 @@ SMOOTHED_OPS = ["MatMul", "Gemm"]
 #: Reshape a 3-D Dense puts in front of its MatMul, when it keeps the channel axis)
 _AFFINE_OPS = {"Add", "Sub", "Mul", "Neg"}
 _DEPTH = 4
+#: fused LayerNorm ops -> index of their scale input (the bias follows it)
+_FUSED_NORMS = {"LayerNormalization": 1, "SkipLayerNormalization": 2, "SimplifiedLayerNormalization": 1}
 
 
 def smooth_model(model_path: str, out_path: str, batches: Iterable[Sequence[np.ndarray]],
@@ -108,7 +110,7 @@ def _fold(model):
     normalized = _normalized_inputs(model)
 
     def passes(node) -> bool:
-        if node.op_type in _AFFINE_OPS or node.op_type == "LayerNormalization":
+        if node.op_type in _AFFINE_OPS or node.op_type in _FUSED_NORMS:
             return True
         return node.op_type == "Reshape" and last_dim.get(node.input[0]) == last_dim.get(node.output[0]) is not None
 
@@ -121,19 +123,24 @@ def _fold(model):
             continue
         factor = numpy_helper.to_array(inits[scale_name]).reshape(-1)
         found, gamma, exclusive = [], False, True  # a LayerNorm's output: a per-channel Mul (gamma)
-        frontier, seen = [producer[tensor]], set()
+        frontier, seen = [(producer[tensor], tensor)], set()
         for _ in range(_DEPTH):
             nxt = []
-            for node in frontier:
+            for node, via in frontier:
                 if node.name in seen or not passes(node):
                     continue
                 if node.op_type == "Reshape" and len(readers.get(node.input[0], [])) != 1:
                     exclusive = False  # the LayerNorm also feeds another smoothed tensor
                 seen.add(node.name)
-                if node.op_type == "LayerNormalization":
+                if node.op_type in _FUSED_NORMS:
                     # a fused LayerNorm (the ONNX Runtime backend rewrites Keras 3's decomposed one
-                    # for the transformer fusions): its scale and bias are the per-channel constants
-                    consts = [i for i in node.input[1:3] if i in inits
+                    # for the transformer fusions, which may fuse it with the residual Add): its
+                    # scale and bias are the per-channel constants of its normalized output only
+                    if via != node.output[0]:
+                        exclusive = False
+                        continue
+                    first = _FUSED_NORMS[node.op_type]
+                    consts = [i for i in node.input[first:first + 2] if i in inits
                               and numpy_helper.to_array(inits[i]).shape[-1:] == factor.shape]
                     found += consts
                     gamma = gamma or bool(consts)
@@ -143,7 +150,7 @@ def _fold(model):
                         found.append(i)
                         gamma = gamma or node.op_type == "Mul"
                     elif i in producer and i not in normalized:
-                        nxt.append(producer[i])
+                        nxt.append((producer[i], i))
             frontier = nxt
         if not gamma or not exclusive or any(len(readers.get(i, [])) != 1 for i in found):
             continue
