@@ -9,12 +9,13 @@ from nano_tfx._env import skip_autograph_for_tf_keras
 from nano_tfx.api import quantize
 from nano_tfx.criterion import AccuracyCriterion
 from nano_tfx.data import BatchSource
-from nano_tfx.errors import AccuracyCriterionNotMet, SpeedupNotMet
+from nano_tfx.errors import AccuracyCriterionNotMet, QuantizationFailed, SpeedupNotMet
 from nano_tfx.report import Report, TrialRecord
 from nano_tfx.result import QuantizedModel, load
 
 __all__ = [
-    "quantize", "load", "QuantizedModel", "AccuracyCriterionNotMet", "SpeedupNotMet", "AccuracyCriterion",
+    "quantize", "load", "QuantizedModel", "AccuracyCriterionNotMet", "SpeedupNotMet", "QuantizationFailed",
+    "AccuracyCriterion",
     "Report", "TrialRecord", "BatchSource", "skip_autograph_for_tf_keras",
 ]
 __version__ = "0.1.0"

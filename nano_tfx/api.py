@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 from nano_tfx.backends.base import BackendOptions, backend_class, backend_names, trial_precision
 from nano_tfx.criterion import AccuracyCriterion
 from nano_tfx.data import SpooledSource, make_batches
-from nano_tfx.errors import AccuracyCriterionNotMet, SpeedupNotMet
+from nano_tfx.errors import AccuracyCriterionNotMet, QuantizationFailed, SpeedupNotMet
 from nano_tfx.interchange import SavedModelSource, to_saved_model
 from nano_tfx.metrics import check_metric_value, make_evaluator
 from nano_tfx.progress import ProgressLine, TrialHook, as_hooks
@@ -429,7 +429,10 @@ def _quantize(model, request, plan, data, y, evaluator, eval_dataset, inputs, ou
         failed = [t for t in report.trials if t.failed]
         detail = "; ".join(f"{t.backend}/{t.precision}: {t.error}" for t in failed[-3:]) or report.stop_reason
         where = "every backend" if request.accelerator == "auto" else pairs[0][0]
-        raise RuntimeError(f"quantization failed ({where}): {detail}")
+        message = f"quantization failed ({where}): {detail}"
+        report.seconds, report.met = time.perf_counter() - started, False
+        report.stop_reason = report.stop_reason or message
+        raise QuantizationFailed(message, report)
     _record_coverage(report, final)
     result = QuantizedModel(
         final.candidate, source, report=report,

@@ -35,3 +35,16 @@ class SpeedupNotMet(AccuracyCriterionNotMet):
         self.report = report
         self.min_speedup = min_speedup
         Exception.__init__(self, f"min_speedup={min_speedup:g} not met: {report.speed_summary()}")
+
+
+class QuantizationFailed(RuntimeError):
+    """No quantized model at all: the backend could not prepare the model, or every trial failed
+    (conversion, calibration or run errors), so there is not even a best model to hand back.
+
+    ``report`` holds the failed trials with their errors (what the TFX Quantizer records before
+    refusing to bless). A ``RuntimeError`` subclass: code catching that keeps working.
+    """
+
+    def __init__(self, message: str, report: Any = None):
+        super().__init__(message)
+        self.report = report

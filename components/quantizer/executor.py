@@ -267,6 +267,13 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             quantized = nano_tfx.quantize(quantizable, **kwargs)
         except nano_tfx.AccuracyCriterionNotMet as err:
             quantized, met, err_seen = err.best_model, False, err
+        except nano_tfx.QuantizationFailed as err:
+            # No model at all (the backend cannot convert it, or every trial failed): a verdict,
+            # not a crashed run. Nothing is blessed; the report keeps each trial's error.
+            logging.warning("Quantizer: %s", err)
+            decision.refuse(f"not blessed: {err}")
+            self._finish(out_model, blessing, report_artifact, err.report, decision, started)
+            return
         decision.judge(quantized.report, met, speed_refused=isinstance(err_seen, nano_tfx.SpeedupNotMet))
         if runner.chunks is not None:
             decision.evaluation_mode, decision.evaluation_shards = runner.chunks.mode, len(runner.chunks.split.shards)

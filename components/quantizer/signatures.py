@@ -307,31 +307,49 @@ def _graph_call(loaded: Any, tf_transform_output: Any) -> tuple[Any, list[str], 
                  for i in range(1, len(body.inputs))}
     if any(v is None for v in resources.values()) or len(body.inputs) != len(outer_inputs):
         return None, [], "serving_default's captured inputs cannot be matched to the model's variables"
-    body_graph_def = body.as_graph_def()
     output_names = [t.name for t in body.outputs]
-    specs = [tf.TensorSpec([None] + list(spec[k].shape), spec[k].dtype, name=k) for k in keys]
-
-    def cut(*features):
-        input_map = {tft_op.outputs[i].name: f for i, f in zip(used, features)}
-        graph = tf.compat.v1.get_default_graph()  # the wrap_function graph: capture the handles
-        input_map.update({name: graph.capture(handle) for name, handle in resources.items()})
-        input_map[body.inputs[0].name] = tf.constant([], tf.string)  # the examples: pruned away
-        return tf.graph_util.import_graph_def(body_graph_def, input_map=input_map,
-                                              return_elements=output_names, name="model")
-
-    holders = []
-
-    def feeds_and_fetches():
-        holders[:] = [tf.compat.v1.placeholder(s.dtype, s.shape, name=s.name) for s in specs]
-        return cut(*holders)
-
-    wrapped = tf.compat.v1.wrap_function(feeds_and_fetches, [])
-    pruned = wrapped.prune([wrapped.graph.get_tensor_by_name(h.name) for h in holders],
-                           [wrapped.graph.get_tensor_by_name(o.name) for o in wrapped.outputs])
+    features = {tft_op.outputs[i].name: (f"nano_tfx_feature_{i}", tft_op.outputs[i].dtype) for i in used}
+    model_def = _model_part(body.as_graph_def(), tft_op.name, features, output_names)
+    kept = {n.name for n in model_def.node}
+    # Capture only what the model reads: the tf.Transform's own captures (its vocabularies' hash
+    # tables, no variables) cannot be frozen into constants.
+    resources = {name: handle for name, handle in resources.items() if name.split(":")[0] in kept}
     structure = serving.structured_outputs
 
     def model_fn(*tensors):
-        flat = pruned(*tensors)
+        # Imported into the caller's tf.function: an ordinary traced function (automatic control
+        # outputs) that TF's freezing inlines, so INC sees the model's ops, not one opaque call.
+        graph = tf.compat.v1.get_default_graph()
+        input_map = {f"{features[tft_op.outputs[i].name][0]}:0": t for i, t in zip(used, tensors)}
+        input_map.update({name: graph.capture(handle) for name, handle in resources.items()})
+        flat = tf.graph_util.import_graph_def(model_def, input_map=input_map, return_elements=output_names,
+                                              name="model")
         return tf.nest.pack_sequence_as(structure, flat)
 
     return model_fn, keys, ""
+
+
+def _model_part(graph_def: Any, tft_name: str, features: Mapping[str, tuple], outputs: Sequence[str]) -> Any:
+    """The nodes of ``graph_def`` that compute ``outputs`` from the tf.Transform call's outputs,
+    each of which (``features``: tensor name -> (placeholder name, dtype)) becomes a placeholder.
+
+    The tf.Transform call, the example parsing and everything only they read are dropped -
+    including the automatic control edges by which a tf.function body runs every stateful op
+    (the tf.Transform call) before its outputs: left in, they would keep the call and its
+    vocabulary's hash table in the model, which freezing cannot fold (INC then fails every run
+    with "You must feed a value for placeholder tensor 'unknown_1' with dtype resource").
+    """
+    import tensorflow as tf
+
+    out = type(graph_def)()
+    out.CopyFrom(graph_def)
+    renames = {name: holder for name, (holder, _) in features.items()}
+    renames.update({name[:-2]: holder for name, (holder, _) in features.items() if name.endswith(":0")})
+    for node in out.node:
+        inputs = [renames.get(i, i) for i in node.input if i != f"^{tft_name}"]
+        del node.input[:]
+        node.input.extend(inputs)
+    for holder, dtype in features.values():
+        node = out.node.add(name=holder, op="Placeholder")
+        node.attr["dtype"].type = dtype.as_datatype_enum
+    return tf.compat.v1.graph_util.extract_sub_graph(out, sorted({o.split(":")[0] for o in outputs}))

@@ -26,6 +26,7 @@ from typing import Sequence
 
 from nano_tfx.backends.base import Candidate, SearchSpace, TrialConfig, backend_class, trial_precision
 from nano_tfx.diagnosis import rank_by_harm
+from nano_tfx.errors import QuantizationFailed
 from nano_tfx.progress import TrialHook
 from nano_tfx.report import Report, TrialRecord
 from nano_tfx.tuning.runner import (
@@ -172,19 +173,26 @@ def _open(state: _State, strategy: str | None, report: Report, strict: bool) -> 
     """Prepare the job's backend and its strategy. A backend that cannot do the request is an
     error when it was asked for by name (``strict``), a failed row under ``auto``."""
     job = state.job
+    validated = False
     try:
         backend = backend_class(job.backend)(job.options)
         backend.validate(job.precision, job.approach)
+        validated = True
         _, prepared = _backend_and_prepared(job)
         space: SearchSpace = backend.space(prepared, job.precision, job.approach)
     except Exception as err:  # noqa: BLE001 - under auto, one backend failing is a row, not a crash
-        if strict:
+        # A request the backend refuses, or a bad argument, stays the caller's error.
+        if strict and (not validated or isinstance(err, (ValueError, TypeError))):
             raise
         result = TrialResult.failure(TrialConfig.make(), err)
         log.warning("nano-tfx: %s/%s cannot run: %s\n%s", job.backend, job.precision, result.error, result.traceback)
         record_trial(report, job, result)
         state.outcome.stop_reason = f"failed: {result.error}"
         state.done = True
+        if strict:  # the one backend asked for cannot convert this model: no model at all
+            report.stop_reason, report.met = f"failed: {result.error}", False
+            raise QuantizationFailed(
+                f"quantization failed ({job.backend}): cannot prepare the model: {result.error}", report) from err
         return False
     state.controlled = job.evaluator is not None and job.criterion is not None and job.baseline is not None
     state.use_mse = (strategy or "").lower() == "mse"

@@ -20,7 +20,10 @@ from nano_tfx.backends.base import (
     FALLBACK_PRECISION, INT8_BF16, SMOOTH_QUANT, AccuracyContext, Backend, CalibrationData, Candidate, SearchSpace,
     TrialConfig, register, smooth_quant_alpha,
 )
-from nano_tfx.backends.inc.convert import _COMPUTE_OPS, _frozen_graph, _tensor_names, inc_node_names, save_graph_def
+from nano_tfx.backends.inc.convert import (
+    _COMPUTE_OPS, _frozen_graph, _tensor_names, hidden_compute_ops, inc_node_names, loop_compute_nodes,
+    save_graph_def,
+)
 from nano_tfx.backends.inc.quantize import _capture_calibration_on_fd2, _Loader, contained_temp_files
 from nano_tfx.backends.inc.rewrite import rewrite_saved_model
 from nano_tfx.interchange import SavedModelSource, TensorInfo, export_signature_as_default
@@ -43,6 +46,8 @@ class _Prepared:
     #: engine's FP32 model: ``fp32_candidate``, diagnosis), kept so nothing is frozen twice
     fp32_graph: tuple | None = field(default=None, repr=False, compare=False)
     has_matmul: bool = False  # a MatMul INC quantizes: SmoothQuant has something to smooth
+    #: compute nodes inside while loops (LSTM/GRU cells): always FP32 (``loop_compute_nodes``)
+    loop_nodes: list[str] = field(default_factory=list)
 
 
 class IncCandidate(Candidate):
@@ -126,8 +131,15 @@ class IncBackend(Backend):
         # rewritten into the 2-D MatMuls INC's TF kernels quantize; None when there is nothing to do
         source = rewrite_saved_model(source, os.path.join(workdir, "inc_rewritten"))[0] or source
         graph_def, input_nodes, output_nodes = _frozen_graph(source)
-        frozen = [n.name for n in graph_def.node if n.op in _COMPUTE_OPS]
-        inc_names = inc_node_names(graph_def, frozen)  # the names op_name_dict fallback accepts
+        hidden = hidden_compute_ops(graph_def)
+        if hidden:
+            logging.getLogger("nano_tfx").warning(
+                "nano-tfx: inc: %d compute op(s) of %r stay inside a function call TF's freezing does not "
+                "inline (a pruned/wrapped function?): INC leaves them in FP32", hidden, source.path)
+        compute = [n.name for n in graph_def.node if n.op in _COMPUTE_OPS]
+        inc_names = inc_node_names(graph_def, compute)  # the names op_name_dict fallback accepts
+        in_loops = set(loop_compute_nodes(graph_def, compute))
+        frozen = [n for n in compute if n not in in_loops]
         nodes = [inc_names[n] for n in frozen]
         # First and last compute layers are the usual accuracy suspects: offer them first.
         ordered = nodes[:1] + nodes[-1:] + nodes[1:-1] if len(nodes) > 2 else nodes
@@ -137,7 +149,8 @@ class IncBackend(Backend):
                                                      os.path.join(workdir, "inc_input_model"))
         return _Prepared(source, workdir, list(dict.fromkeys(ordered)), input_nodes, model_path,
                          {v: k for k, v in inc_names.items()}, (graph_def, input_nodes, output_nodes),
-                         any(n.op == "MatMul" for n in graph_def.node))
+                         any(n.op == "MatMul" for n in graph_def.node),
+                         [inc_names[n] for n in compute if n in in_loops])
 
     def fp32_candidate(self, prepared: _Prepared) -> IncCandidate:
         """The frozen FP32 graph run by a TF session like the INT8 candidates (same threads,
@@ -194,6 +207,8 @@ class IncBackend(Backend):
         # INC's TF smooth_quant recipe: per input channel of every MatMul, a Mul (activation / s)
         # before it and the kernel rows times s, s = max|x|^alpha / max|w|^(1 - alpha)
         recipes = {"smooth_quant": True, "smooth_quant_args": {"alpha": alpha}} if alpha is not None else {}
+        fp32 = {"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}}
+        op_name.update({n: fp32 for n in getattr(prepared, "loop_nodes", ()) if n not in op_name})
         conf = PostTrainingQuantConfig(
             quant_level=1,
             recipes=recipes,

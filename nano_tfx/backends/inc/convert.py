@@ -17,7 +17,19 @@ def _frozen_graph(source: SavedModelSource):
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     _, fn = source.load_signature()
+    # Folds the variables read inside function bodies too (LSTM/GRU while loops, tf.cond: control
+    # flow is lowered to Enter/Exit frames in the top-level graph).
     frozen = convert_variables_to_constants_v2(fn)
+    left = [t.name.split(":")[0] for t in frozen.inputs if t.dtype == tf.resource]
+    if left:
+        # Not variables (a lookup table, an iterator...): no constant can stand for them, and the
+        # frozen graph INC quantizes would fail every run ("You must feed a value for placeholder
+        # tensor 'unknown_1' with dtype resource").
+        raise RuntimeError(
+            f"inc: signature {source.signature_key!r} of {source.path!r} reads {len(left)} captured resource(s) "
+            f"that are not variables ({', '.join(left)}; e.g. a tf.Transform vocabulary's hash table), so it "
+            "cannot be frozen into the constant graph INC quantizes; quantize the model over transformed "
+            "features (lookups outside), or use accelerator='onnxruntime'")
     graph_def = frozen.graph.as_graph_def()
     # Flat inputs follow the signature's sorted keyword names; outputs its sorted output keys.
     arg_names = sorted(fn.structured_input_signature[1])
@@ -25,6 +37,49 @@ def _frozen_graph(source: SavedModelSource):
     by_arg = dict(zip(arg_names, placeholders))
     outs = dict(zip(sorted(fn.structured_outputs), [t.name.split(":")[0] for t in frozen.outputs]))
     return graph_def, [by_arg[n] for n in source.input_names], [outs[n] for n in source.output_names]
+
+
+_CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
+
+
+def hidden_compute_ops(graph_def) -> int:
+    """Compute ops inside functions the frozen graph still *calls*: TF's freezing (INC's too) did
+    not inline them, so INC sees and quantizes none of them. While/If bodies don't count:
+    freezing lowers them into the graph."""
+    library = {f.signature.name: f for f in graph_def.library.function}
+    called, todo = set(), [n.attr["f"].func.name for n in graph_def.node if n.op in _CALL_OPS]
+    while todo:
+        name = todo.pop()
+        if name in called or name not in library:
+            continue
+        called.add(name)
+        todo.extend(n.attr["f"].func.name for n in library[name].node_def if n.op in _CALL_OPS)
+    return sum(n.op in _COMPUTE_OPS for name in called for n in library[name].node_def)
+
+
+def loop_compute_nodes(graph_def, nodes: Sequence[str]) -> list[str]:
+    """The ``nodes`` that run inside a (lowered) while loop: reachable from an ``Enter`` without
+    leaving the loop through an ``Exit`` (an LSTM/GRU cell's MatMuls).
+
+    INC quantizes none of them usefully: tf_keras' loop weights stay FP32, and on a Keras 3 LSTM
+    (kernel read through a ``Cast`` inside the loop frame) its MatMul pass drops a weight node
+    another still reads (``KeyError: '.../while/body/.../lstm_cell/Cast/ReadVariableOp'``) and
+    the whole trial fails. They stay FP32; the layers around the loop are quantized.
+    """
+    consumers: dict[str, list] = {}
+    for n in graph_def.node:
+        for i in n.input:
+            consumers.setdefault(i.split(":")[0].lstrip("^"), []).append(n)
+    seen: set[str] = set()
+    todo = [n for n in graph_def.node if n.op == "Enter"]
+    while todo:
+        node = todo.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op != "Exit":
+            todo.extend(c for c in consumers.get(node.name, []) if c.name not in seen)
+    return [n for n in nodes if n in seen]
 
 
 def _tensor_names(nodes: Sequence[str], sorted_keys: Sequence[str], wanted: Sequence[str]) -> list[str]:
