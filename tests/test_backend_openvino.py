@@ -13,6 +13,7 @@ ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
 from nano_tfx.backends.base import (  # noqa: E402
+    SMOOTH_QUANT,
     AccuracyContext,
     BackendOptions,
     CalibrationData,
@@ -143,6 +144,8 @@ def test_search_space(k3):
     backend, prepared, _, _ = k3
     space = backend.search_space(prepared, "int8", "static")
     default = dict(space.default().knobs)
+    # SmoothQuant is a knob of models with a MatMul (this CNN's Dense), off by default
+    assert SMOOTH_QUANT in default and default.pop(SMOOTH_QUANT) is None
     no_vnni = cpu_has_vnni() is False
     assert default == {"accuracy_control": True, "preset": "performance", "fast_bias_correction": True,
                        "subset_size": 300, "activation_range": "auto", **({"overflow_fix": "auto"} if no_vnni else {})}
