@@ -167,7 +167,11 @@ def test_serve_answers_raw_text_like_in_process_predict_and_fp32(demo, tmp_path)
         bad = requests.post(f"http://127.0.0.1:{port}/v2/models/reviews/infer", json=examples_request([no_text]),
                             timeout=60)
         assert bad.status_code == 400 and "text" in bad.text, bad.text
-        np.testing.assert_allclose(_served_outputs(port, unseen), want[-len(unseen):], rtol=1e-5, atol=1e-5)
+        # the same request in-process: a dynamic INT8 model (ONNX Runtime may measure it the faster
+        # approach for this encoder) quantizes activations per call, so a row's output depends on
+        # the rows it is batched with
+        alone = in_process.predict({"examples": np.array(unseen, dtype=object)})["outputs"]
+        np.testing.assert_allclose(_served_outputs(port, unseen), alone, rtol=1e-5, atol=1e-5)
     assert got.shape == (len(examples) + len(unseen), 2) and np.all(np.isfinite(got))
     agreement = float(np.mean(got.argmax(-1) == fp32_out.argmax(-1)))
     print(f"INT8 vs FP32 top-1 agreement {agreement:.3f} on {len(got)} reviews; INT8 accuracy on the 100 "
