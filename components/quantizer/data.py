@@ -26,14 +26,15 @@ def _compression(paths: Sequence[str]) -> str:
     return "GZIP" if paths and all(p.endswith(".gz") for p in paths) else ""
 
 
-def split_file_pattern(examples_artifact: Any, split: str) -> str:
-    """Glob of the TFRecord files of one split of an Examples artifact (clear error if absent)."""
+def split_file_pattern(examples_artifact: Any, split: str, what: str = "the transformed examples") -> str:
+    """Glob of the TFRecord files of one split of an Examples artifact (clear error if absent;
+    ``what`` names the artifact in it)."""
     from tfx.types import artifact_utils
 
     names = artifact_utils.decode_split_names(examples_artifact.split_names)
     if split not in names:
         raise ValueError(
-            f"split {split!r} is not in the transformed examples (splits: {names}); "
+            f"split {split!r} is not in {what} (splits: {names}); "
             "set calibration_split / evaluation_split to one of them"
         )
     return os.path.join(artifact_utils.get_split_uri([examples_artifact], split), "*")

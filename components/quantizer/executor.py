@@ -429,10 +429,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         None (model-only timing) without ``raw_examples``."""
         if raw_examples is None:
             return None
-        try:
-            pattern = split_file_pattern(raw_examples, split)
-        except ValueError as err:
-            raise ValueError(f"raw_examples: {err}".replace("transformed examples", "raw examples")) from err
+        pattern = split_file_pattern(raw_examples, split, what="raw_examples")
         examples = read_raw_examples(pattern)
         # what a request carries, as _write_model records it for the server
         keys = serving.raw_parse_keys(fp32_path) or self._raw_keys_without_labels(
