@@ -67,7 +67,8 @@ def test_auto_returns_the_fastest_meeting_result_with_a_full_table(keras3_cnn, d
 def test_auto_chooses_through_the_call_path_it_is_given(keras3_cnn, digits):
     """``call_path`` (how the deployed model is called, e.g. a server's parse + tf.Transform
     first) decides among finalists: here it adds 20 ms to every OpenVINO call, so OpenVINO —
-    whatever its model-only time — must lose, and the served times are reported."""
+    whatever its model-only time (a CNN of 28x28 digits: far below 20 ms on any CPU that runs the
+    suite) — must lose, and the served times are reported."""
     import time
 
     _, (xte, yte) = digits
@@ -92,7 +93,8 @@ def test_auto_chooses_through_the_call_path_it_is_given(keras3_cnn, digits):
     assert "openvino" in wrapped and sorted(wrapped) == sorted(report.trials[i].backend for i in served)
     assert q.backend != "openvino" and report.chosen == min(served, key=served.get)
     ov = [i for i in served if report.trials[i].backend == "openvino"]
-    assert ov and served[ov[0]] > 20.0 > model_only[ov[0]]
+    # the 20 ms sleep is inside every timed served call: no CPU makes it shorter; model-only has none
+    assert ov and served[ov[0]] >= 20.0 and served[ov[0]] > model_only[ov[0]]
     assert nano_tfx.Report.from_dict(report.to_dict()).served_latency_ms == served
 
 
