@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging as _logging
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -280,7 +281,10 @@ def quantize(
     server's parse + tf.Transform on raw tf.Examples before the engine (the TFX ``Quantizer`` passes
     one when it gets ``raw_examples``). When several finalists are left (``accelerator='auto'``,
     ``precision='auto'``), they are timed again through it and the fastest *served* one is chosen
-    (``report.served_latency_ms``); ``report.speedup`` stays the model-only ratio.
+    (``report.served_latency_ms``); ``report.speedup`` stays the model-only ratio. A call path
+    that has a ``time_side_by_side(models, budget_s) -> {name: batch-1 ms}`` method times them
+    itself instead (``models``: {name: ``QuantizedModel``}), e.g. in a fresh process configured
+    like the server (``components.quantizer.served_timing.ServedCallPath``).
 
     Progress: ``verbose=1`` writes one line per trial to stdout (backend, config, metric, speed,
     seconds); ``on_trial_end`` takes your own hook(s), called with each trial's ``TrialRecord``
@@ -578,13 +582,26 @@ def _fastest(finalists: list, fallback: Any, report: Report, reference: Quantize
 def _served_ms(finalists: list, reference: QuantizedModel, call_path: CallPath, inputs: list,
                budget_s: float) -> dict[int, float]:
     """{trial index: batch-1 ms} of the finalists timed side by side through ``call_path``."""
-    runs = {o.chosen_index: call_path(QuantizedModel(o.candidate, reference)) for o in finalists}
+    models = {o.chosen_index: QuantizedModel(o.candidate, reference) for o in finalists}
+    timer = getattr(call_path, "time_side_by_side", None)
+    if timer is not None:  # the call path times the finalists itself (e.g. in a server-like process)
+        ms = timer({f"trial {i}": m for i, m in models.items()}, budget_s)
+        bad = [i for i in models if not _positive_ms(ms.get(f"trial {i}") if isinstance(ms, Mapping) else None)]
+        if bad:
+            raise ValueError(f"call_path: expected time_side_by_side to return {{name: ms > 0}} for every "
+                             f"finalist, got {ms!r}")
+        return {i: float(ms[f"trial {i}"]) for i in models}
+    runs = {i: call_path(m) for i, m in models.items()}
     for index, run in runs.items():
         if not callable(run):
             raise ValueError(f"call_path: expected it to return a callable for trial {index}, got "
                              f"{type(run).__name__}")
     speed = side_by_side({f"trial {i}": run for i, run in runs.items()}, inputs, budget_s=budget_s)
     return {i: speed.b1_ms[f"trial {i}"] for i in runs}
+
+
+def _positive_ms(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 #: finalists this close to the fastest (side-by-side repeat noise on small models) count as tied

@@ -31,7 +31,8 @@ log = logging.getLogger("nano_tfx")
 
 Run = Callable[[Sequence[np.ndarray]], object]
 #: how a deployed model is called: a finalist (``QuantizedModel``) -> the call to time
-#: (``nano_tfx.quantize(call_path=)``)
+#: (``nano_tfx.quantize(call_path=)``); it may also have ``time_side_by_side(models, budget_s)``
+#: returning {name: batch-1 ms} to time the finalists itself (e.g. in a server-like process)
 CallPath = Callable[[Any], Run]
 
 DEFAULT_BUDGET_S = 3.0

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 
 import nano_tfx  # noqa: F401  (first: oneDNN on before TensorFlow is imported)
 import numpy as np
@@ -252,9 +253,45 @@ def test_auto_picks_the_fastest_backend_and_writes_its_layout(fp32, tmp_path):
     assert set(served) == set(finalists) and len(served) >= 2
     assert report["chosen"] == min(served, key=served.get)
     assert any("served call path" in n for n in report["tfx"]["notes"])
+    # timed as served: behind a `nano-tfx serve` process with the server's defaults, over HTTP
+    assert any("finalists timed as served: one `nano-tfx serve` process (TensorFlow 1/1 threads" in n
+               for n in report["tfx"]["notes"]), report["tfx"]["notes"]
     serving = os.path.join(outputs["quantized_model"].uri, "Format-Serving")
     assert nano_tfx.load(serving).backend == chosen["backend"]
     assert outputs["quantized_model"].get_string_custom_property("nano_tfx_backend") == chosen["backend"]
+
+
+class _Unsaveable:
+    """A finalist that runs but cannot be written (a full disk): no server can load it."""
+
+    def __init__(self, model):
+        self.inputs, self.run = model.inputs, model.run
+
+    def save(self, path):
+        raise OSError(28, "No space left on device")
+
+
+def test_served_timing_runs_behind_a_server_and_falls_back_here(fp32, tmp_path):
+    """``ServedCallPath.time_side_by_side``: the finalists saved as serving layouts and timed
+    behind one ``nano-tfx serve`` over HTTP; when that fails, timed here with a note saying so,
+    and no temp files are left."""
+    from components.quantizer.data import split_file_pattern
+    from components.quantizer.served_timing import ServedCallPath, read_raw_examples
+
+    outputs, report = run_executor(fp32, str(tmp_path / "out"), accelerator="onnxruntime", max_trials=1,
+                                   accuracy_criterion=json.dumps({"absolute": 0.5, "higher_is_better": True}))
+    model = nano_tfx.load(os.path.join(outputs["quantized_model"].uri, "Format-Serving"))
+    examples = read_raw_examples(split_file_pattern(fp32["raw_examples"], "eval", what="raw_examples"), limit=4)
+    notes: list = []
+    path = ServedCallPath(fp32["transform_graph"].uri, None, examples, notes=notes)
+    before = set(os.listdir(tempfile.gettempdir()))
+    ms = path.time_side_by_side({"a": model, "b": model}, budget_s=0.5)
+    assert set(ms) == {"a", "b"} and all(v > 0 for v in ms.values())
+    assert "timed as served" in notes[-1] and "failed" not in notes[-1]
+    ms = path.time_side_by_side({"a": model, "b": _Unsaveable(model)}, budget_s=0.5)
+    assert set(ms) == {"a", "b"} and all(v > 0 for v in ms.values())
+    assert "No space left on device" in notes[-1] and "quantizing process" in notes[-1]
+    assert not [d for d in set(os.listdir(tempfile.gettempdir())) - before if "nano_tfx_served_timing" in d]
 
 
 def test_model_without_quantizable_signature_is_rejected(fp32, tmp_path):

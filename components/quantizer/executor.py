@@ -436,7 +436,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             transform_uri, list(info.label_keys if info else []))
         decision.notes.append(f"finalists timed through the served call path (parse + tf.Transform + engine) "
                               f"on {len(examples)} raw {split!r} examples")
-        return served_call_path(transform_uri, keys, examples)
+        return served_call_path(transform_uri, keys, examples, notes=decision.notes)
 
     @staticmethod
     def _raw_keys_without_labels(transform_uri: str, labels: List[str]) -> Optional[List[str]]:
