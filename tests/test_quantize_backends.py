@@ -98,6 +98,32 @@ def test_auto_chooses_through_the_call_path_it_is_given(keras3_cnn, digits):
     assert nano_tfx.Report.from_dict(report.to_dict()).served_latency_ms == served
 
 
+class _TimesItself:
+    """A call path that times the finalists itself (``time_side_by_side``, as the Quantizer's
+    server-backed one does): it declares OpenVINO the fastest, whatever the model-only order."""
+
+    def __init__(self):
+        self.asked: list = []
+
+    def __call__(self, model):  # not used when time_side_by_side exists
+        raise AssertionError("time_side_by_side should have been used")
+
+    def time_side_by_side(self, models, budget_s):
+        self.asked.append(sorted(m.backend for m in models.values()))
+        return {name: 1.0 if m.backend == "openvino" else 50.0 for name, m in models.items()}
+
+
+def test_a_call_path_that_times_the_finalists_itself_decides(keras3_cnn, digits):
+    _, (xte, yte) = digits
+    path = _TimesItself()
+    q = nano_tfx.quantize(keras3_cnn, accelerator="auto", calib_dataset=(xte, yte), metric="accuracy",
+                          accuracy_criterion={"absolute": 0.05, "higher_is_better": True}, max_trials=3,
+                          call_path=path)
+    served = q.report.served_latency_ms
+    assert len(path.asked) == 1 and "openvino" in path.asked[0] and len(path.asked[0]) == len(served) >= 2
+    assert q.backend == "openvino" and served[q.report.chosen] == 1.0
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(call_path="serve"), "call_path"),
     (dict(accelerator="onnxruntime", precision="bf16"), "precision"),
