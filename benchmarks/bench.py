@@ -654,7 +654,7 @@ def by_name(variants: list[Variant], name: str) -> Variant | None:
     return next((v for v in variants if v.name == name), None)
 
 
-def bench_model(name: str, plan: dict, skipped: list) -> tuple[list[dict], str | None, str]:
+def bench_model(name: str, plan: dict, skipped: list, only: set | None = None) -> tuple[list[dict], str | None, str]:
     from nano_tfx.backends.base import backend_class, backend_names
 
     log(f"{name}: building model")
@@ -664,7 +664,12 @@ def bench_model(name: str, plan: dict, skipped: list) -> tuple[list[dict], str |
         sm = os.path.join(tmp, "saved_model")
         case.model.export(sm, verbose=False)
         variants: list[Variant] = []
-        add = lambda v, fn: variants.append(build(v, fn))  # noqa: E731
+
+        def add(v: Variant, fn: Callable[[Variant], None]) -> None:
+            if only is not None and v.name not in only and v.name != "tf-fp32":  # --variants
+                skipped.append({"model": name, "variant": v.name, "reason": "not in --variants"})
+                return
+            variants.append(build(v, fn))
 
         add(Variant("tf-fp32", "tf", "tensorflow", "fp32", "tf.function(model(x, training=False))"),
             tf_fp32(case, sm))
@@ -1020,6 +1025,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
                     help="comma-separated subset of " + ",".join(ALL_MODELS) + " (default: the CNNs)")
     ap.add_argument("--quick", action="store_true", help="fewer timing rounds/repeats (smoke runs)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated variant names to build (default: all; tf-fp32 is always built), "
+                         "e.g. raw-openvino-fp32,raw-openvino-bf16,raw-onnxruntime-fp32,nano-auto-int8 for a "
+                         "big encoder on 2 cores")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"), help="output directory")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -1027,6 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not models:
         ap.error(f"--models: unknown {unknown}; expected a subset of {','.join(ALL_MODELS)}")
     plan = PLANS["quick" if args.quick else "full"]
+    only = {v.strip() for v in args.variants.split(",") if v.strip()} if args.variants else None
     os.makedirs(args.out, exist_ok=True)
 
     env = environment()
@@ -1038,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in models:
         t = time.perf_counter()
         try:
-            mrows, fast, notes = bench_model(m, plan, skipped)
+            mrows, fast, notes = bench_model(m, plan, skipped, only)
         except Exception as err:  # the model itself could not be built/exported
             traceback.print_exc(file=sys.stderr)
             mrows, fast, notes = [{"model": m, "variant": "tf-fp32", "kind": "tf", "engine": "tensorflow",
