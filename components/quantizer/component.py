@@ -82,9 +82,10 @@ class Quantizer(base_beam_component.BaseBeamComponent):
       previous_report: optional earlier ``report``: finished trials for the same model
         fingerprint and configuration are reused (resume instead of repeat).
       raw_examples: optional ExampleGen ``examples`` (the raw tf.Examples requests carry). With
-        several finalists (``accelerator='auto'``, ``precision='auto'``) they are timed again on a
-        few raw examples of the evaluation split through the path ``nano-tfx serve`` runs (parse
-        + tf.Transform, then the engine) and the fastest served one is blessed.
+        several finalists (``accelerator='auto'``, ``precision='auto'``) they are timed again
+        as served: each saved as its serving layout behind one local ``nano-tfx serve``, raw
+        examples of the evaluation split sent over HTTP (parse + tf.Transform, then the engine),
+        and the fastest served one is blessed (``served_timing``; in-process if no server starts).
       accelerator: None (Intel Neural Compressor, TF graph), 'onnxruntime', 'openvino' or 'auto'.
       precision: 'int8' (default), another precision the accelerator supports, or 'auto': the
         precision ladder (INT8 → INT8 with BF16 fallback layers → BF16 → the engine's FP32),

@@ -126,6 +126,35 @@ def inc_node_names(graph_def, nodes) -> dict[str, str]:
     return out
 
 
+def save_graph_def_lean(graph_def, feeds: Sequence[str], fetches: Sequence[str], inputs,
+                        output_names: Sequence[str], directory: str) -> None:
+    """``save_graph_def`` for big graphs: the same ``serving_default`` (inputs by name, outputs
+    ``{output_names[i]: fetches[i]}``) written by TF1's SavedModel builder from one imported
+    graph. The TF2 path (``wrap_function`` + ``prune`` + a traced ``tf.function`` +
+    ``tf.saved_model.save``) copies every constant of a frozen graph several times: for a
+    BERT-base-shaped encoder (~440 MB of weights) it peaked above 14 GB and was OOM-killed at
+    23 GB in ``prepare``; this path holds about three copies (the GraphDef, the imported graph,
+    the serialized file)."""
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():  # TF1 graph building (build_tensor_info refuses eager mode)
+        tf.compat.v1.import_graph_def(graph_def, name="")
+        info = tf.compat.v1.saved_model.utils.build_tensor_info
+        signature = tf.compat.v1.saved_model.signature_def_utils.build_signature_def(
+            inputs={t.name: info(graph.get_tensor_by_name(f)) for t, f in zip(inputs, feeds)},
+            outputs={n: info(graph.get_tensor_by_name(f)) for n, f in zip(output_names, fetches)},
+            method_name=tf.compat.v1.saved_model.signature_constants.PREDICT_METHOD_NAME)
+    if os.path.isdir(directory) and not os.listdir(directory):
+        os.rmdir(directory)  # the builder wants to create it
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        builder = tf.compat.v1.saved_model.Builder(directory)
+        builder.add_meta_graph_and_variables(sess, [tf.saved_model.SERVING],
+                                             signature_def_map={"serving_default": signature},
+                                             strip_default_attrs=True)
+        builder.save()
+
+
 def save_graph_def(graph_def, feeds: Sequence[str], fetches: Sequence[str], inputs, output_names: Sequence[str],
                    directory: str) -> None:
     """A frozen GraphDef as a TF2 SavedModel whose ``serving_default`` takes ``inputs``

@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from nano_tfx.backends.einsum import EinsumPlan, label_sizes, operand_layout, parse_einsum
-from nano_tfx.backends.inc.convert import save_graph_def
+from nano_tfx.backends.inc.convert import save_graph_def_lean
 
 _LOG = logging.getLogger("nano_tfx.backends.inc")
 
@@ -422,6 +422,7 @@ def rewrite_saved_model(source, out_dir: str):
     new, stats = rewrite_graph_def(graph_def, keep=list(input_nodes) + list(output_nodes))
     if not stats.changed:
         return None, stats
-    save_graph_def(new, [f"{n}:0" for n in input_nodes], [f"{n}:0" for n in output_nodes],
-                   source.inputs, source.output_names, out_dir)
+    del graph_def  # the frozen original: one copy of the weights fewer while the rewrite is saved
+    save_graph_def_lean(new, [f"{n}:0" for n in input_nodes], [f"{n}:0" for n in output_nodes],
+                        source.inputs, source.output_names, out_dir)
     return describe_saved_model(out_dir, "serving_default", source.input_names), stats
