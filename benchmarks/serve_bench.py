@@ -36,7 +36,6 @@ import datetime as _dt
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,9 @@ sys.path[:0] = [REPO, HERE, os.path.join(REPO, "tests")]
 
 import nano_tfx  # noqa: E402,F401  (first: oneDNN)
 import numpy as np  # noqa: E402
+
+from components.quantizer.served_timing import examples_payload as _payload  # noqa: E402
+from components.quantizer.served_timing import free_port as _free_port  # noqa: E402
 
 SCHEMA = "nano-tfx-serve-bench/1"
 VARIANTS = ("fp32", "inc", "openvino", "onnxruntime", "auto")
@@ -182,12 +184,6 @@ def build_variants(name: str, root: str, variants: list[str]) -> tuple[dict, lis
 
 
 # -- server and load --------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(models: dict, log_path: str, threads: int | None, serve_args: tuple = ()) -> tuple[subprocess.Popen, str]:
     import requests
 
@@ -214,12 +210,6 @@ def start_server(models: dict, log_path: str, threads: int | None, serve_args: t
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"server not ready in 900s; see {log_path}")
-
-
-def _payload(examples: list[bytes]) -> bytes:
-    return json.dumps({"inputs": [{"name": "examples", "shape": [len(examples)], "datatype": "BYTES",
-                                   "data": [base64.b64encode(e).decode() for e in examples],
-                                   "parameters": {"content_type": "base64"}}]}).encode()
 
 
 def predict(session, url: str, model: str, examples: list[bytes]) -> np.ndarray:

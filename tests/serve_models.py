@@ -309,14 +309,6 @@ def taxi_models(root: str, rows: int = 2000, epochs: int = 3, analyze_rows: int 
 
 
 # -- the server subprocess -----------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def served(models: dict, first: str, root: str, extra_args: tuple = (), timeout: float = 600):
     """``nano-tfx serve`` of every ``models`` folder (name -> path) in a subprocess: yields
@@ -325,7 +317,9 @@ def served(models: dict, first: str, root: str, extra_args: tuple = (), timeout:
     import subprocess
     import sys
 
-    port = _free_port()
+    from components.quantizer.served_timing import free_port
+
+    port = free_port()
     cmd = [sys.executable, "-m", "pipelines.cli", "serve", models[first], "--name", first, "--port", str(port),
            *extra_args]
     for name, path in models.items():

@@ -125,7 +125,8 @@ MIN_ROUNDS = 5
 MAX_ROUNDS = 60
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on localhost (for a local ``nano-tfx serve``)."""
     import socket
 
     with socket.socket() as sock:
@@ -156,7 +157,7 @@ def _time_served(models: Mapping[str, Any], call_path: "ServedCallPath", budget_
         for k, name in enumerate(names):
             dirs[f"m{k}"] = os.path.join(tmp, f"m{k}")
             _layout(models[name], dirs[f"m{k}"], call_path)
-        port = _free_port()
+        port = free_port()
         spec = os.path.join(tmp, "serve.json")
         with open(spec, "w") as f:
             json.dump({"models": dirs, "port": port, "tf_threads": call_path.tf_threads}, f)
@@ -168,7 +169,7 @@ def _time_served(models: Mapping[str, Any], call_path: "ServedCallPath", budget_
                                     stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             conn = _wait_ready(proc, port, log_path)
-            bodies = [_payload(e) for e in call_path.examples]
+            bodies = [examples_payload([e]) for e in call_path.examples]
             samples: dict = {m: [] for m in dirs}
             rounds, started, turn = 0, time.perf_counter(), 0
             while rounds < MIN_ROUNDS or (rounds < MAX_ROUNDS and time.perf_counter() - started < budget_s):
@@ -202,9 +203,10 @@ def _time_served(models: Mapping[str, Any], call_path: "ServedCallPath", budget_
     return ms, rounds * PER_SLOT
 
 
-def _payload(example: bytes) -> bytes:
-    return json.dumps({"inputs": [{"name": "examples", "shape": [1], "datatype": "BYTES",
-                                   "data": [base64.b64encode(example).decode("ascii")],
+def examples_payload(examples: Sequence[bytes]) -> bytes:
+    """A V2 infer request body carrying serialized raw tf.Examples (``examples``, base64)."""
+    return json.dumps({"inputs": [{"name": "examples", "shape": [len(examples)], "datatype": "BYTES",
+                                   "data": [base64.b64encode(e).decode("ascii") for e in examples],
                                    "parameters": {"content_type": "base64"}}]}).encode()
 
 
