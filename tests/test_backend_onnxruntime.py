@@ -350,6 +350,32 @@ def test_multi_input_multi_output_names(tmp_path):
     assert np.abs(q[0] - ref[0]).max() < 0.1 * np.abs(ref[0]).max()
 
 
+def test_static_int8_keeps_a_wide_softmax_output(tmp_path):
+    """A 1000-way softmax whose probabilities are all small (a random-weight classifier head,
+    ~0.001 each): ORT pins a quantized Softmax's output to [0, 1] in uint8 steps, which turned every
+    probability into 0. Static INT8 keeps Softmax in FP32, so the output stays near FP32."""
+    import keras
+    import onnx
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32,), name="features")
+    hidden = keras.layers.Dense(64, activation="relu")(inp)
+    model = keras.Model(inp, keras.layers.Dense(1000, activation="softmax", name="probs")(hidden))
+    source = to_saved_model(model, str(tmp_path))
+    backend = OnnxRuntimeBackend()
+    prepared = backend.prepare(source, str(tmp_path))
+    x = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    ref = np.asarray(model(x, training=False))
+    assert ref.max() < 0.01  # every probability small: the case a [0, 1] uint8 range zeroes
+    cand = backend.quantize(prepared, "int8", backend.search_space(prepared, "int8", "static").default(),
+                            [[x[i:i + 16]] for i in range(0, 64, 16)])
+    got = cand.run([x])[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.1
+    graph = onnx.load(cand.model_path).graph
+    assert any(n.op_type == "MatMul" or n.op_type == "QLinearMatMul" for n in graph.node)
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) >= 2  # the Dense layers are INT8
+
+
 def test_missed_bar_best_model_outlives_the_call(tmp_path):
     """``AccuracyCriterionNotMet.best_model`` of a call with its own temp workdir saves and loads:
     the failed call used to remove that workdir on the way out, deleting the best trial's

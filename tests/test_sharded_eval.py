@@ -12,8 +12,9 @@ import pytest
 import tensorflow as tf
 
 from components.quantizer.sharded_eval import (
-    META, PairedStateCombineFn, ShardedChunks, ShardedSplit, shard_path,
+    META, PairedStateCombineFn, ShardedChunks, ShardedSplit, shard_path, worker_options,
 )
+from nano_tfx.backends.base import BackendOptions
 from nano_tfx.criterion import AccuracyCriterion
 from nano_tfx.metric_states import state_for
 from nano_tfx.tuning.paired_eval import InProcessChunks, PairedEvaluation, TrialModel
@@ -125,16 +126,24 @@ def test_beam_workers_give_the_same_states(setup, tmp_path, mode):
     local = _chunks(setup, tmp_path / "local")
     args = [f"--direct_running_mode={mode}", "--direct_num_workers=2"]
     remote = _chunks(setup, tmp_path / "beam", mode="beam", beam_min_rows=0,
-                     make_pipeline=lambda: beam.Pipeline(argv=args))
+                     make_pipeline=lambda: beam.Pipeline(argv=args), worker_threads=1)
     assert remote.pipelines_run == 1 and remote.cuts == local.cuts
     for i in range(len(setup["split"].shards)):
         a = np.load(shard_path(str(tmp_path / "local"), i))
         b = np.load(shard_path(str(tmp_path / "beam"), i))
         np.testing.assert_array_equal(a["key"], b["key"])
         np.testing.assert_allclose(a["y_fp32"], b["y_fp32"], rtol=0, atol=1e-6)
-    trial = TrialModel(artifact_dir=setup["trial"].artifact_dir, backend="onnxruntime")  # no live model: workers load it
+    # no live model: workers load it, with one engine thread each (worker_threads)
+    trial = TrialModel(artifact_dir=setup["trial"].artifact_dir, backend="onnxruntime", options=BackendOptions())
     np.testing.assert_array_equal(remote.chunk_state(m, trial, 0, remote.n), local.chunk_state(m, setup["trial"], 0, local.n))
     assert remote.pipelines_run == 2
+
+
+def test_worker_options_share_the_cores_unless_the_user_set_threads():
+    assert worker_options(BackendOptions(), 1).thread_num == 1
+    assert worker_options(BackendOptions(thread_num=4), 1).thread_num == 4  # the user's setting wins
+    assert worker_options(BackendOptions(), None).thread_num is None
+    assert worker_options(None, 2) is None
 
 
 def test_a_resumed_run_reuses_the_fp32_results(setup, tmp_path):

@@ -33,7 +33,8 @@ import nano_tfx
 from nano_tfx.api import fingerprint
 from components.quantizer import serving
 from components.quantizer.artifacts import REPORT_HTML, REPORT_JSON
-from components.quantizer.beam_runner import BeamTrialRunner, default_parallelism, with_runner_defaults, runner_name
+from components.quantizer.beam_runner import (BeamTrialRunner, default_parallelism, is_local_direct, runner_name,
+                                              with_runner_defaults)
 from components.quantizer.decision import QuantizerDecision, bounds_text, report_html
 from components.quantizer.served_timing import read_raw_examples, served_call_path
 from components.quantizer.keys import (
@@ -304,9 +305,12 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         fp32_dir = os.path.join(report_artifact.uri, FP32_DIR)
         previous_dir = os.path.join(previous.uri, FP32_DIR) if previous is not None else None
 
+        # local workers share this machine's cores: each candidate's engine gets its share
+        threads = max(1, (os.cpu_count() or 1) // workers) if is_local_direct(self._beam_pipeline_args) else None
+
         def build(mode: str, make_pipeline, reference):
             return ShardedChunks(split, source, fingerprint_, fp32_dir, previous_dir, mode=mode,
-                                 make_pipeline=make_pipeline, reference=reference)
+                                 make_pipeline=make_pipeline, reference=reference, worker_threads=threads)
 
         return build
 

@@ -309,9 +309,10 @@ class _Fp32Fn:
 
 
 class _ChunkFn:
-    def __init__(self, split, fp32_dir, metric, low, high, trial: TrialModel):
+    def __init__(self, split, fp32_dir, metric, low, high, trial: TrialModel, threads: int | None = None):
         self.split, self.fp32_dir, self.metric, self.low, self.high = split, fp32_dir, metric, low, high
-        self.trial = TrialModel(artifact_dir=trial.artifact_dir, backend=trial.backend, options=trial.options)
+        self.trial = TrialModel(artifact_dir=trial.artifact_dir, backend=trial.backend,
+                                options=worker_options(trial.options, threads))
 
     def _load(self):
         t = self.trial
@@ -319,6 +320,15 @@ class _ChunkFn:
 
     def __call__(self, index: int) -> tuple[Any, np.ndarray]:
         return index, chunk_shard(self.split, index, self.fp32_dir, self.metric, self.low, self.high, None, self._load)
+
+
+def worker_options(options: Any, threads: int | None) -> Any:
+    """``options`` with ``thread_num=threads`` where the user left it unset: workers side by side on
+    one machine each give their engine its share of the cores (an engine's default takes them all,
+    and two spinning pools on the same cores slow both)."""
+    if threads is None or options is None or getattr(options, "thread_num", 0) is not None:
+        return options
+    return replace(options, thread_num=int(threads))
 
 
 class _WriteState:
@@ -341,6 +351,8 @@ class ShardedChunks:
       mode: 'in-process' | 'beam'; ``make_pipeline``: an unstarted ``beam.Pipeline`` factory.
       beam_min_rows: a chunk smaller than this runs in-process even in 'beam' mode.
       reference: the FP32 model's run in this process (in-process FP32 pass).
+      worker_threads: engine threads of a candidate loaded in a Beam worker, where the user set
+        none (None: the engine's default; the executor sets cores ÷ workers on the local runner).
     """
 
     needs_artifact = True
@@ -348,12 +360,15 @@ class ShardedChunks:
     def __init__(self, split: ShardedSplit, model: Any, fingerprint: str, fp32_dir: str,
                  previous_dir: str | None = None, mode: str = "in-process",
                  make_pipeline: Callable[[], Any] | None = None, beam_min_rows: int = 50_000,
-                 reference: Callable | None = None, first: int = FIRST_CHUNK):
+                 reference: Callable | None = None, first: int = FIRST_CHUNK, worker_threads: int | None = None):
         if mode not in ("in-process", "beam"):
             raise ValueError(f"mode: expected 'in-process' or 'beam', got {mode!r}")
         self.split, self.model, self.fp32_dir, self.previous_dir = split, model, fp32_dir, previous_dir
         self.mode, self.make_pipeline, self.beam_min_rows = mode, make_pipeline, int(beam_min_rows)
         self.reference, self.first = reference, first
+        if worker_threads is not None and (isinstance(worker_threads, bool) or int(worker_threads) < 1):
+            raise ValueError(f"worker_threads: expected a positive int or None, got {worker_threads!r}")
+        self.worker_threads = worker_threads
         self.key = json.dumps([fingerprint, split.layout()], sort_keys=True, default=str)
         self.fp32_source = "computed"  # or "reused" / "reused from <dir>"
         self.pipelines_run = 0
@@ -468,7 +483,8 @@ class ShardedChunks:
         try:
             with self.make_pipeline() as p:
                 states = (p | "Shards" >> beam.Create(indices, reshuffle=False) | "Spread" >> beam.Reshuffle()
-                          | "Chunk" >> beam.Map(_ChunkFn(self._worker_split(), self.fp32_dir, metric, low, high, trial)))
+                          | "Chunk" >> beam.Map(_ChunkFn(self._worker_split(), self.fp32_dir, metric, low, high, trial,
+                                                            self.worker_threads)))
                 if _is_dask(p):
                     # The DaskRunner's GroupByKey repeats values (states counted many times, seen with
                     # Beam 2.7x): each shard writes its state, merged below by the same CombineFn.

@@ -56,7 +56,7 @@ from nano_tfx.backends.onnxruntime.convert import activation_row_bytes
 from nano_tfx.backends.onnxruntime.quantize import _calibration_reader
 from nano_tfx.backends.onnxruntime.space import (
     _OPSET_RANGE, ACTIVATION_TYPES, CALIBRATE_METHODS, DEFAULT_OPSET, DYNAMIC_WEIGHTED_OPS, FORMATS,
-    FP16_WEIGHTED_OPS, KNOBS, METHODS, SMOOTH_QUANT_ALPHAS, STATIC_WEIGHTED_OPS, WEIGHT_TYPES, _order_by_sensitivity, cpu_has_vnni,
+    FP16_WEIGHTED_OPS, FP32_OP_TYPES, KNOBS, METHODS, SMOOTH_QUANT_ALPHAS, STATIC_WEIGHTED_OPS, WEIGHT_TYPES, _order_by_sensitivity, cpu_has_vnni,
 )
 from nano_tfx.interchange import SavedModelSource, TensorInfo
 
@@ -481,6 +481,8 @@ class OnnxRuntimeBackend(Backend):
         return self._check_choice("approach", approach, self.precisions["int8"])
 
     def _static(self, prepared, out, config, fallback, calibration) -> None:
+        """Static INT8 (QDQ or QOperator). ``FP32_OP_TYPES`` (Softmax) stay FP32 in every trial:
+        see there."""
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         fmt = self._check_choice("format", config.knob("format", FORMATS[0]), FORMATS)
@@ -517,7 +519,7 @@ class OnnxRuntimeBackend(Backend):
             reduce_range=reduce_range,
             activation_type=QuantType.QUInt8 if act == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(fallback) + keep_fp32,
+            nodes_to_exclude=list(fallback) + keep_fp32 + prepared.quantizable(FP32_OP_TYPES),
             calibrate_method=getattr(CalibrationMethod, cal),
             extra_options=extra,
         )
