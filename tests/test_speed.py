@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from nano_tfx.speed import side_by_side
+from nano_tfx.speed import side_by_side, wake_calls
 
 
 def _busy(ms_per_row: float):
@@ -32,6 +32,12 @@ def test_ratios_batches_and_budget():
     assert res.rounds >= 3 and min(res.calls.values()) >= 3
     assert took < 3.0  # the budget (plus warm-up and settle pauses) bounds the wall time
     assert set(res.to_dict()["b1_ms"]) == {"slow", "fast"}
+
+
+def test_wake_calls_rewarm_a_slot_without_eating_a_slow_models_budget():
+    # a slot of one slow call (BERT-base at batch 1) keeps one wake-up; a millisecond model's slot
+    # of 9+ calls gets 3, so the cold calls after another engine ran are not measured
+    assert [wake_calls(n) for n in (1, 2, 5, 9, 100)] == [1, 1, 1, 3, 3]
 
 
 @pytest.mark.parametrize("kwargs, match", [
