@@ -20,6 +20,14 @@ import numpy as np
 import pytest
 
 import nano_tfx  # noqa: F401,E402
+import tensorflow as _tf  # noqa: E402
+
+# Bind ``tf.keras`` now, from TF_USE_LEGACY_KERAS as the session starts (Keras 3 unless set):
+# importing tensorflow_transform sets the variable to "1", and ``tf.keras`` binds on first use, so
+# a TFX test running first made it tf_keras for every later test (the seed example then handed
+# tf_keras tensors to nano_tfx.keras' Keras 3 ``Model``). The default order bound it to Keras 3
+# by accident; this makes every order do so.
+_tf.keras.Model  # noqa: B018
 
 
 def digits_split():

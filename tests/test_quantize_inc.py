@@ -246,6 +246,21 @@ def test_metric_without_labels_is_rejected(keras3_cnn, digits):
         nano_tfx.quantize(keras3_cnn, calib_dataset=xte[:32], metric="accuracy")
 
 
+def test_inputs_of_the_other_keras_are_refused_by_name():
+    """tf.keras resolved to the other Keras (tensorflow_transform set TF_USE_LEGACY_KERAS after
+    nano_tfx.keras was imported): a clear error, not Keras' "must be KerasTensors"."""
+    import importlib
+
+    from nano_tfx.keras import KERAS_FLAVOR
+
+    other = importlib.import_module("keras" if KERAS_FLAVOR == "tf_keras" else "tf_keras")
+    inp = other.Input((4,))
+    with pytest.raises(ValueError, match="inputs: expected .*TF_USE_LEGACY_KERAS"):
+        Model(inp, other.layers.Dense(3)(inp))
+    with pytest.raises(ValueError, match="inputs: expected"):
+        Model(inputs=[inp], outputs=other.layers.Dense(3)(inp))
+
+
 def test_legacy_keras_chosen_from_the_variable(tmp_path):
     """TF_USE_LEGACY_KERAS=1 → tf_keras subclasses, even when keras 3 was imported first."""
     code = (

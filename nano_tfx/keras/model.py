@@ -72,6 +72,32 @@ def _functional_args(args: tuple, kwargs: dict) -> bool:
             or ("inputs" in kwargs and "outputs" in kwargs))
 
 
+def _tensor_flavor(tensor: Any) -> str | None:
+    """'tf_keras' / 'keras3' for a symbolic Keras tensor, None for anything else."""
+    module = type(tensor).__module__
+    if type(tensor).__name__ != "KerasTensor":
+        return None
+    return "tf_keras" if module.startswith("tf_keras") else "keras3" if module.startswith("keras") else None
+
+
+def _check_flavor(inputs: Any) -> None:
+    """``inputs`` built by the other Keras fail deep inside Keras ("must be KerasTensors"); say
+    why instead. Typical cause: ``tf.keras`` resolved after tensorflow_transform set
+    ``TF_USE_LEGACY_KERAS=1``, while this module had been imported without it (or the reverse)."""
+    flat = list(inputs.values()) if isinstance(inputs, dict) else list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    other = next((f for f in map(_tensor_flavor, flat) if f is not None and f != KERAS_FLAVOR), None)
+    if other is None:
+        return
+    names = {"keras3": "Keras 3 (`keras`)", "tf_keras": "tf_keras (`tf_keras`, legacy `tf.keras`)"}
+    raise ValueError(
+        f"inputs: expected {names[KERAS_FLAVOR]} tensors, got {names[other]} tensors. nano_tfx.keras "
+        f"subclasses {names[KERAS_FLAVOR]} because TF_USE_LEGACY_KERAS was "
+        f"{'set' if KERAS_FLAVOR == 'tf_keras' else 'unset'} when it was imported; it is now "
+        f"{os.environ.get('TF_USE_LEGACY_KERAS')!r} (importing tensorflow_transform sets it to '1', which "
+        "changes what `tf.keras` means). Set TF_USE_LEGACY_KERAS before importing nano_tfx.keras, or build "
+        "the model with the same Keras.")
+
+
 class Model(_NanoQuantizeMixin, _keras.Model):
     """``keras.Model`` (or ``tf_keras.Model``) with ``quantize()`` returning a ``QuantizedModel``."""
 
@@ -80,6 +106,7 @@ class Model(_NanoQuantizeMixin, _keras.Model):
         # *this* class for good (``inject_functional_model_class``), breaking every later
         # subclassed ``Model``. Hand out a functional subclass instead.
         if cls is Model and _functional_args(args, kwargs):
+            _check_flavor(args[0] if args else kwargs.get("inputs"))
             return super().__new__(FunctionalModel, *args, **kwargs)
         return super().__new__(cls, *args, **kwargs)
 
