@@ -620,8 +620,7 @@ def rows_for(case: ModelCase, variants: list[Variant]) -> tuple[list[dict], str 
                                           if "tf-fp32" in by and e.get("call") else None, 3),
             # the returned model's ms as nano's report timed it (its FP32 ms ÷ report.speedup) ÷ the
             # same model's q(x) ms here: how far the report's own number is from the model's call
-            "report_ms_vs_call": _r(_report_ms(e.get("report_speed")) / _median(e["call"])
-                                    if _report_ms(e.get("report_speed")) and e.get("call") else None, 3),
+            "report_ms_vs_call": _r(_ratio(_report_ms(e.get("report_speed")), _median(e.get("call", []))), 3),
             "build_s": v.build_s,
             "build_peak_rss_mb": (e.get("build_rss") or {}).get("peak_mb"),
             "build_rss_delta_mb": (e.get("build_rss") or {}).get("delta_mb"),
@@ -636,6 +635,10 @@ def rows_for(case: ModelCase, variants: list[Variant]) -> tuple[list[dict], str 
                         if k in ("report_trials", "report_speed", "config", "ref_distinct_top1")},
         })
     return rows, (fastest[0] if fastest else None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 def _report_ms(speed: dict | None) -> float | None:

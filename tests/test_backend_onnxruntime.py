@@ -372,7 +372,7 @@ def test_static_int8_keeps_a_wide_softmax_output(tmp_path):
     got = cand.run([x])[0]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.1
     graph = onnx.load(cand.model_path).graph
-    assert any(n.op_type == "MatMul" or n.op_type == "QLinearMatMul" for n in graph.node)
+    assert any(n.op_type in ("MatMul", "QLinearMatMul") for n in graph.node)
     assert sum(n.op_type == "DequantizeLinear" for n in graph.node) >= 2  # the Dense layers are INT8
 
 

@@ -84,7 +84,7 @@ def _check_flavor(inputs: Any) -> None:
     """``inputs`` built by the other Keras fail deep inside Keras ("must be KerasTensors"); say
     why instead. Typical cause: ``tf.keras`` resolved after tensorflow_transform set
     ``TF_USE_LEGACY_KERAS=1``, while this module had been imported without it (or the reverse)."""
-    flat = list(inputs.values()) if isinstance(inputs, dict) else list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    flat = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (list, tuple)) else [inputs]
     other = next((f for f in map(_tensor_flavor, flat) if f is not None and f != KERAS_FLAVOR), None)
     if other is None:
         return
