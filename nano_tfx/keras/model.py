@@ -7,6 +7,7 @@ import types
 from typing import Any
 
 from nano_tfx.api import quantize as _quantize
+from nano_tfx.interchange import keras_flavor
 from nano_tfx.result import QuantizedModel
 
 
@@ -74,10 +75,7 @@ def _functional_args(args: tuple, kwargs: dict) -> bool:
 
 def _tensor_flavor(tensor: Any) -> str | None:
     """'tf_keras' / 'keras3' for a symbolic Keras tensor, None for anything else."""
-    module = type(tensor).__module__
-    if type(tensor).__name__ != "KerasTensor":
-        return None
-    return "tf_keras" if module.startswith("tf_keras") else "keras3" if module.startswith("keras") else None
+    return keras_flavor(tensor) if type(tensor).__name__ == "KerasTensor" else None
 
 
 def _check_flavor(inputs: Any) -> None:
