@@ -87,6 +87,7 @@ def _rounds(runs: Mapping[str, Run], x: list[np.ndarray], budget_s: float, settl
         t = time.perf_counter()
         runs[name](x)
         per_call[name] = max(time.perf_counter() - t, 1e-6)
+    wake_s = WAKE_S
     slot_s = max(budget_s / (TARGET_ROUNDS * len(names)), MIN_SLOT_S)
     samples: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
@@ -97,8 +98,8 @@ def _rounds(runs: Mapping[str, Run], x: list[np.ndarray], budget_s: float, settl
         for name in order:
             run = runs[name]
             time.sleep(settle_s)  # let the previous engine's spinning threads give the cores back
-            n = max(1, min(MAX_CALLS_PER_SLOT, int((slot_s - WAKE_S) / per_call[name])))
-            woken = time.perf_counter() + WAKE_S
+            n = max(1, min(MAX_CALLS_PER_SLOT, int((slot_s - wake_s) / per_call[name])))
+            woken = time.perf_counter() + wake_s
             run(x)  # wake this engine's threads, re-warm its caches and the CPU; not measured
             while time.perf_counter() < woken:
                 run(x)
