@@ -11,14 +11,8 @@ together:
   hits all variants alike; the value per variant is the median of all its calls;
 * a short sleep before each variant's slot: ONNX Runtime, OpenVINO and TensorFlow leave worker
   threads spinning after a call, which would otherwise steal the next variant's cores;
-* an unmeasured wake-up of ``WAKE_S`` at the start of every slot, by time, not by calls: for
-  tens of milliseconds after the CPU idled or another engine ran, calls are slower than a
-  deployed model called back to back (measured on a 4-block encoder, TF FP32: 8.1 ms for the
-  first call after a 0.2 s pause and ~7.3 ms up to the 8th, against 5.4 warm; after ONNX
-  Runtime's turn, slow for 20+ calls). A slot of a few calls is all wake-up, so a slow model
-  read ~20 % slower beside 6 others than alone, and ``report.speedup`` overstated by as much
-  (now within ~5 %, 8 repeats); slots last at least twice the wake-up;
-* a warm-up per variant first;
+* unmeasured calls per slot after the sleep (wake-up and re-warming caches another engine's
+  weights evicted: ``wake_calls``), a warm-up per variant first;
 * a wall-clock budget in seconds, split between batch 1 and the evaluation batch.
 """
 from __future__ import annotations
@@ -44,13 +38,11 @@ CallPath = Callable[[Any], Run]
 
 DEFAULT_BUDGET_S = 3.0
 MIN_ROUNDS = 3
-TARGET_ROUNDS = 4  # rounds the budget is sized for: long slots, so each settles past its wake-up
 MAX_ROUNDS = 40
 ENOUGH_CALLS = 300  # per variant: a fast model stops early, well inside the budget
 MAX_CALLS_PER_SLOT = 100
 SETTLE_S = 0.02
-WAKE_S = 0.05  # per slot, unmeasured: a deployed model called back to back runs warm
-MIN_SLOT_S = 2 * WAKE_S
+WAKE_CALLS = 3  # at most, per slot (see ``wake_calls``)
 
 
 @dataclass
@@ -79,6 +71,15 @@ class SideBySide:
                 "calls": dict(self.calls), "rounds": self.rounds, "seconds": self.seconds}
 
 
+def wake_calls(measured: int) -> int:
+    """Unmeasured calls before a slot's ``measured`` ones. The first calls after another engine ran
+    are slow (its weights evicted this one's from the caches; measured on a 4-block encoder: TF's
+    first calls after OpenVINO's took 6.8, 5.8, 5.6 ms, then 5.5 steady), and a deployed model
+    called back to back runs warm. Up to 3, never more than a third of the slot: a slot of one slow
+    call (BERT-base) keeps its single wake-up."""
+    return max(1, min(WAKE_CALLS, measured // 3))
+
+
 def _rounds(runs: Mapping[str, Run], x: list[np.ndarray], budget_s: float, settle_s: float) -> tuple[dict, int, dict]:
     names = list(runs)
     per_call: dict[str, float] = {}
@@ -87,8 +88,7 @@ def _rounds(runs: Mapping[str, Run], x: list[np.ndarray], budget_s: float, settl
         t = time.perf_counter()
         runs[name](x)
         per_call[name] = max(time.perf_counter() - t, 1e-6)
-    wake_s = WAKE_S
-    slot_s = max(budget_s / (TARGET_ROUNDS * len(names)), MIN_SLOT_S)
+    slot_s = budget_s / (max(MIN_ROUNDS * 2, 8) * len(names))  # aim at ~8 rounds in the budget
     samples: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
     done = 0
@@ -98,10 +98,8 @@ def _rounds(runs: Mapping[str, Run], x: list[np.ndarray], budget_s: float, settl
         for name in order:
             run = runs[name]
             time.sleep(settle_s)  # let the previous engine's spinning threads give the cores back
-            n = max(1, min(MAX_CALLS_PER_SLOT, int((slot_s - wake_s) / per_call[name])))
-            woken = time.perf_counter() + wake_s
-            run(x)  # wake this engine's threads, re-warm its caches and the CPU; not measured
-            while time.perf_counter() < woken:
+            n = max(1, min(MAX_CALLS_PER_SLOT, int(slot_s / per_call[name])))
+            for _ in range(wake_calls(n)):  # wake this engine's threads, re-warm its caches; not measured
                 run(x)
             for _ in range(n):
                 t = time.perf_counter()
